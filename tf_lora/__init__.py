@@ -1,5 +1,43 @@
-"""tf_lora: parameter-efficient fine-tuning (LoRA, QLoRA) for Keras 3 / TensorFlow."""
+"""tf_lora: parameter-efficient fine-tuning (LoRA, QLoRA) for Keras 3 / TensorFlow.
+
+Example:
+    >>> import tf_lora
+    >>> model = tf_lora.adapt(base_model, tf_lora.LoRAConfig(rank=8))  # doctest: +SKIP
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from tf_lora.adapt import adapt, register_adapter
+from tf_lora.adapters import (
+    ParameterCount,
+    count_parameters,
+    load_adapter,
+    merge,
+    print_trainable_parameters,
+    read_adapter_config,
+    save_adapter,
+)
+from tf_lora.config import LoRAConfig, QLoRAConfig
+from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
+from tf_lora.train import LoRAModel
+
+__all__ = sorted(
+    [
+        "LoRAConfig",
+        "LoRADense",
+        "LoRAEinsumDense",
+        "LoRALayer",
+        "LoRAModel",
+        "ParameterCount",
+        "QLoRAConfig",
+        "__version__",
+        "adapt",
+        "count_parameters",
+        "load_adapter",
+        "merge",
+        "print_trainable_parameters",
+        "read_adapter_config",
+        "register_adapter",
+        "save_adapter",
+    ]
+)

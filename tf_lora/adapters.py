@@ -1,0 +1,245 @@
+"""Adapter files, merging, and parameter counts.
+
+An adapter file is a safetensors file holding only the `lora_` variables and
+the variables of `modules_to_save`, keyed by layer path (``"mha/query/lora_a"``,
+never by index), with the `LoRAConfig` as JSON metadata. It is written
+atomically, and loading checks every key and shape before assigning anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import tempfile
+from typing import Dict, List, Tuple
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_lora.adapt import _model_io, clone_with, is_graph_model, walk
+from tf_lora.config import LoRAConfig, matches
+from tf_lora.layers.lora import LoRALayer
+
+FORMAT = "tf_lora.adapter"
+FORMAT_VERSION = "1"
+
+
+def _check_model(model, name: str = "model") -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"Received an invalid value for `{name}`, expected a keras.Model adapted with "
+            f"tf_lora.adapt. Received: {name}={type(model).__name__}"
+        )
+
+
+def _adapter_layers(model) -> List[Tuple[str, LoRALayer]]:
+    return [(path, layer) for path, layer, _ in walk(model) if isinstance(layer, LoRALayer)]
+
+
+def adapter_state(model) -> Dict[str, keras.Variable]:
+    """``{key: variable}`` of everything an adapter file holds for `model`."""
+    _check_model(model)
+    state: Dict[str, keras.Variable] = {}
+    for path, layer in _adapter_layers(model):
+        for var in layer.weights:
+            if var.name.startswith("lora_"):
+                state[f"{path}/{var.name}"] = var
+    config = getattr(model, "lora_config", None)
+    if config is not None and config.modules_to_save:
+        for path, layer, _ in walk(model):
+            if matches(config.modules_to_save, layer.name, path):
+                for i, var in enumerate(layer.weights):
+                    key = f"{path}/{var.name}"
+                    state[key if key not in state else f"{key}#{i}"] = var
+    if not state:
+        raise ValueError(
+            f"Received an invalid value for `model`, expected a model with tf_lora adapter "
+            f"layers. Received: model={model.name!r}, which has none."
+        )
+    return state
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".adapter", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapter(model: keras.Model, path: str) -> int:
+    """Writes the adapter (and `modules_to_save`) weights of `model` to `path`.
+
+    Args:
+        model: A model returned by `tf_lora.adapt`.
+        path: Destination file (conventionally ``*.adapter``); replaced
+            atomically, so an interrupted save leaves any previous file intact.
+
+    Returns:
+        The file size in bytes.
+
+    Example:
+        >>> save_adapter(model, "task_a.adapter")  # doctest: +SKIP
+    """
+    from safetensors.numpy import save
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Received an invalid value for `path`, expected a file path. Received: path={path!r}")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Received an invalid value for `path`: folder {folder!r} does not exist. Received: path={path!r}")
+    state = adapter_state(model)
+    tensors = {k: np.ascontiguousarray(ops.convert_to_numpy(v)) for k, v in state.items()}
+    config = getattr(model, "lora_config", None)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_config": json.dumps(config.to_dict() if config is not None else None),
+    }
+    data = save(tensors, metadata=metadata)
+    _atomic_write(path, data)
+    return len(data)
+
+
+def _read_file(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    from safetensors.numpy import load
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Received an invalid value for `path`, expected a file path. Received: path={path!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Received an invalid value for `path`: no adapter file at {path!r}.")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(
+            f"Received an invalid value for `path`: {path!r} is not a readable tf_lora adapter "
+            f"file (truncated or corrupted: {e})."
+        ) from None
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"Received an invalid value for `path`: {path!r} is not a tf_lora adapter file (format {metadata.get('format')!r}).")
+    return tensors, metadata
+
+
+def read_adapter_config(path: str) -> LoRAConfig:
+    """The `LoRAConfig` stored in an adapter file."""
+    _, metadata = _read_file(path)
+    return LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+
+
+def load_adapter(model: keras.Model, path: str) -> None:
+    """Loads adapter weights saved by `save_adapter` into `model`.
+
+    Every key and shape is checked before anything is assigned; on any
+    mismatch (another architecture, another rank, a truncated file) a
+    `ValueError` is raised and `model` is unchanged.
+
+    Example:
+        >>> load_adapter(model, "task_a.adapter")  # doctest: +SKIP
+    """
+    tensors, metadata = _read_file(path)
+    state = adapter_state(model)
+    merged = [p for p, layer in _adapter_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
+    missing = sorted(set(state) - set(tensors))
+    extra = sorted(set(tensors) - set(state))
+    if missing or extra:
+        raise ValueError(
+            f"Adapter file {os.fspath(path)!r} does not fit this model (a different architecture "
+            f"or target_modules?). Keys missing from the file: {missing[:10]}; keys in the file "
+            f"but not in the model: {extra[:10]}."
+        )
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in state.items()
+        if tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        try:
+            file_rank = json.loads(metadata.get("lora_config", "null") or "null").get("rank")
+        except AttributeError:
+            file_rank = None
+        raise ValueError(
+            f"Adapter file {os.fspath(path)!r} has different shapes (file rank {file_rank}, "
+            f"a different rank or architecture?): {wrong[:10]}"
+        )
+    for k, v in state.items():
+        v.assign(tensors[k].astype(v.dtype if isinstance(v.dtype, str) else np.float32))
+
+
+def merge(model: keras.Model) -> keras.Model:
+    """A plain Keras model with every adapter folded into its kernel.
+
+    The result has the same inputs, outputs and layer names, contains only
+    Keras layers (Dense / EinsumDense with merged kernels, no tf_lora layers)
+    and gives the same outputs as `model` (within float32 rounding). `model`
+    itself is not changed.
+
+    Example:
+        >>> served = merge(model)                 # doctest: +SKIP
+        >>> served.export("serving_dir")          # doctest: +SKIP
+    """
+    _check_model(model)
+    if not is_graph_model(model):
+        raise TypeError(f"Received an invalid value for `model`, expected a Functional model. Received: {type(model).__name__}")
+    inputs, outputs = _model_io(model)
+    view = keras.Model(inputs, outputs, name=model.name)  # plain Functional view, shares layers
+    clone = clone_with(view, lambda l: l.to_base_layer() if isinstance(l, LoRALayer) else None, {})
+    return clone
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCount:
+    """Trainable and total parameter counts (4-bit weights count as one each)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def count_parameters(model: keras.Model) -> ParameterCount:
+    """Trainable / total parameters, as `print_trainable_parameters` prints them."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"Received an invalid value for `model`, expected a Keras model or layer. Received: {type(model).__name__}")
+    storage, base = set(), 0
+    for _, layer, _ in [("", model, None)] + list(walk(model)):
+        if isinstance(layer, LoRALayer) and hasattr(layer, "storage_variables"):
+            storage.update(id(v) for v in layer.storage_variables())
+            base += int(layer.base_parameter_count())
+    trainable_vars = model.lora_variables if hasattr(model, "lora_variables") else model.trainable_weights
+    trainable_ids = {id(v) for v in trainable_vars if v.trainable}
+    trainable = sum(int(np.prod(v.shape)) for v in model.weights if id(v) in trainable_ids)
+    total = base + sum(int(np.prod(v.shape)) for v in model.weights if id(v) not in storage)
+    return ParameterCount(trainable, total)
+
+
+def print_trainable_parameters(model: keras.Model) -> ParameterCount:
+    """Prints ``trainable params: N || all params: M || trainable%: P`` (as PEFT).
+
+    Example:
+        >>> print_trainable_parameters(model)  # doctest: +SKIP
+        trainable params: 1,536 || all params: 99,840 || trainable%: 1.5385
+    """
+    counts = count_parameters(model)
+    print(f"trainable params: {counts.trainable:,d} || all params: {counts.total:,d} || trainable%: {counts.percent:.4f}")
+    return counts
