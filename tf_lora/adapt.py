@@ -89,10 +89,18 @@ def _select(model, config: LoRAConfig) -> Tuple[Dict[str, keras.layers.Layer], L
     """Returns ({path: layer} to adapt, [paths of modules_to_save]); validates."""
     targets, adaptable, saved = {}, [], []
     explicit_regex = isinstance(config.target_modules, str) and config.target_modules != "all-linear"
+    excluded: List[str] = []  # exclusion and modules_to_save cover a layer's sublayers too
     for path, layer, _ in walk(model):
         name = layer.name
+        if any(path.startswith(p + "/") for p in excluded + saved):
+            continue
         if config.modules_to_save and matches(config.modules_to_save, name, path):
             saved.append(path)
+            continue
+        if config.exclude_modules and matches(config.exclude_modules, name, path):
+            excluded.append(path)
+            if _dispatch(layer) is not None:
+                adaptable.append(path)
             continue
         if isinstance(layer, LoRALayer):
             if matches(config.target_modules, name, path):
@@ -114,8 +122,6 @@ def _select(model, config: LoRAConfig) -> Tuple[Dict[str, keras.layers.Layer], L
                 )
             continue
         adaptable.append(path)
-        if config.exclude_modules and matches(config.exclude_modules, name, path):
-            continue
         if matches(config.target_modules, name, path):
             targets[path] = layer
     if not targets:

@@ -1,0 +1,100 @@
+"""LoRAConfig / QLoRAConfig validation and serialization."""
+
+import dataclasses
+
+import pytest
+
+from tf_lora import LoRAConfig, QLoRAConfig
+from tf_lora.config import matches
+
+
+def test_defaults_follow_the_notebook_design():
+    cfg = LoRAConfig()
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (8, 32, 0.1)
+    assert cfg.target_modules == ("query", "key", "value")
+    assert cfg.init == "he_uniform" and cfg.quantization is None
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LoRAConfig().rank = 4
+
+
+def test_scaling_and_patterns():
+    cfg = LoRAConfig(rank=4, alpha=8, rank_pattern={"value": 2, r".*/query": 16}, alpha_pattern={"value": 1})
+    assert cfg.scaling_for(4, 8) == 2.0
+    assert LoRAConfig(use_rslora=True).scaling_for(4, 8) == 4.0
+    assert cfg.rank_for("value", "mha/value") == 2
+    assert cfg.rank_for("query", "mha/query") == 16
+    assert cfg.rank_for("key", "mha/key") == 4
+    assert cfg.alpha_for("value", "mha/value") == 1.0
+    assert cfg.alpha_for("key", "mha/key") == 8.0
+
+
+def test_matching_rules():
+    assert matches(("query",), "query_proj", "block/query_proj")  # contained in the name
+    assert not matches(("query",), "q", "query/q")  # not the path
+    assert matches(r"block_\d+/.*query", "query", "block_0/attn/query")  # regex on the full path
+    assert not matches(r"query", "query", "block_0/query")  # full match only
+    assert matches("all-linear", "anything", "x/y")
+
+
+def test_round_trip_dict():
+    cfg = LoRAConfig(rank=4, modules_to_save=("head",), rank_pattern={"v": 2}, quantization=QLoRAConfig(group_size=32))
+    again = LoRAConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.quantization.group_size == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"rank": 0}, ValueError, "rank"),
+        ({"rank": -2}, ValueError, "rank"),
+        ({"rank": 2.0}, TypeError, "rank"),
+        ({"rank": True}, TypeError, "rank"),
+        ({"alpha": 0}, ValueError, "alpha"),
+        ({"alpha": -1.0}, ValueError, "alpha"),
+        ({"alpha": "8"}, TypeError, "alpha"),
+        ({"dropout": 1.0}, ValueError, "dropout"),
+        ({"dropout": -0.1}, ValueError, "dropout"),
+        ({"init": "xavier"}, ValueError, "init"),
+        ({"target_modules": ()}, ValueError, "target_modules"),
+        ({"target_modules": 3}, TypeError, "target_modules"),
+        ({"target_modules": "("}, ValueError, "target_modules"),
+        ({"exclude_modules": "all-linear"}, ValueError, "exclude_modules"),
+        ({"rank_pattern": {"q": 0}}, ValueError, "rank_pattern"),
+        ({"quantization": {"bits": 4}}, TypeError, "quantization"),
+        ({"attention": "flash"}, ValueError, "attention"),
+        ({"max_attention_memory": 1024}, ValueError, "max_attention_memory"),
+    ],
+    ids=["rank_zero", "rank_negative", "rank_float", "rank_bool", "alpha_zero", "alpha_negative",
+         "alpha_str", "dropout_one", "dropout_negative", "unknown_init", "empty_targets",
+         "targets_int", "bad_regex", "exclude_all_linear", "rank_pattern_zero", "quant_dict",
+         "unknown_attention", "memory_without_chunked"],
+)
+def test_bad_lora_config(kwargs, error, match):
+    with pytest.raises(error, match=match) as info:
+        LoRAConfig(**kwargs)
+    assert "Received" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"bits": 8}, NotImplementedError, "bits"),
+        ({"quant_type": "fp4"}, ValueError, "quant_type"),
+        ({"group_size": 0}, ValueError, "group_size"),
+        ({"group_size": 64.0}, TypeError, "group_size"),
+        ({"compute_dtype": "int8"}, ValueError, "compute_dtype"),
+    ],
+    ids=["bits_8", "fp4", "group_zero", "group_float", "compute_int8"],
+)
+def test_bad_qlora_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QLoRAConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="data"):
+        LoRAConfig.from_dict({"rank": 4, "lora_rank": 8})
