@@ -356,6 +356,7 @@ class LoRAEinsumDense(LoRALayer):
             self.equation, self.bias_axes, input_shape, self.partial_output_shape
         )
         self.full_output_shape = tuple(full_output_shape)
+        self.input_spec = keras.InputSpec(ndim=len(input_shape))
         self.kernel = self.add_weight(
             name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer, trainable=False
         )
