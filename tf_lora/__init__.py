@@ -7,6 +7,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from tf_lora import nf4
 from tf_lora.adapt import adapt, register_adapter
 from tf_lora.adapters import (
     ParameterCount,
@@ -35,6 +36,7 @@ __all__ = sorted(
         "count_parameters",
         "load_adapter",
         "merge",
+        "nf4",
         "print_trainable_parameters",
         "read_adapter_config",
         "register_adapter",
