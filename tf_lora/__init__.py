@@ -20,6 +20,7 @@ from tf_lora.adapters import (
 )
 from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
+from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
 from tf_lora.train import LoRAModel
 
 __all__ = sorted(
@@ -33,6 +34,9 @@ __all__ = sorted(
         "QLoRAConfig",
         "__version__",
         "adapt",
+        "add_adapter",
+        "delete_adapter",
+        "disable_adapter",
         "count_parameters",
         "load_adapter",
         "merge",
@@ -41,5 +45,6 @@ __all__ = sorted(
         "read_adapter_config",
         "register_adapter",
         "save_adapter",
+        "set_adapter",
     ]
 )

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -39,14 +39,27 @@ def _adapter_layers(model) -> List[Tuple[str, LoRALayer]]:
     return [(path, layer) for path, layer, _ in walk(model) if isinstance(layer, LoRALayer)]
 
 
-def adapter_state(model) -> Dict[str, keras.Variable]:
-    """``{key: variable}`` of everything an adapter file holds for `model`."""
+def _adapter_name(model, adapter_name):
+    if adapter_name is None:
+        adapter_name = getattr(model, "active_adapter", None) or "default"
+    names = getattr(model, "adapter_names", ["default"])
+    if adapter_name not in names:
+        raise ValueError(f"Received an invalid value for `adapter_name`, expected one of {names}. "
+                         f"Received: adapter_name={adapter_name!r}")
+    return adapter_name
+
+
+def adapter_state(model, adapter_name: Optional[str] = None) -> Dict[str, keras.Variable]:
+    """``{key: variable}`` of everything an adapter file holds for `model`:
+    adapter `adapter_name`'s (default: the active one) ``lora_a``/``lora_b``
+    keyed ``"<layer path>/lora_a"``, plus the `modules_to_save` variables."""
     _check_model(model)
+    name = _adapter_name(model, adapter_name)
     state: Dict[str, keras.Variable] = {}
     for path, layer in _adapter_layers(model):
-        for var in layer.weights:
-            if var.name.startswith("lora_"):
-                state[f"{path}/{var.name}"] = var
+        if name in layer.adapter_names:
+            a, b = layer.adapter_variables(name)
+            state[f"{path}/lora_a"], state[f"{path}/lora_b"] = a, b
     config = getattr(model, "lora_config", None)
     if config is not None and config.modules_to_save:
         for path, layer, _ in walk(model):
@@ -77,13 +90,14 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
-def save_adapter(model: keras.Model, path: str) -> int:
+def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = None) -> int:
     """Writes the adapter (and `modules_to_save`) weights of `model` to `path`.
 
     Args:
         model: A model returned by `tf_lora.adapt`.
         path: Destination file (conventionally ``*.adapter``); replaced
             atomically, so an interrupted save leaves any previous file intact.
+        adapter_name: Which adapter to save (default: the active one).
 
     Returns:
         The file size in bytes.
@@ -99,9 +113,10 @@ def save_adapter(model: keras.Model, path: str) -> int:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Received an invalid value for `path`: folder {folder!r} does not exist. Received: path={path!r}")
-    state = adapter_state(model)
+    name = _adapter_name(model, adapter_name)
+    state = adapter_state(model, name)
     tensors = {k: np.ascontiguousarray(ops.convert_to_numpy(v)) for k, v in state.items()}
-    config = getattr(model, "lora_config", None)
+    config = model.adapter_config(name) if hasattr(model, "adapter_config") else None
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -143,8 +158,10 @@ def read_adapter_config(path: str) -> LoRAConfig:
     return LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
 
 
-def load_adapter(model: keras.Model, path: str) -> None:
-    """Loads adapter weights saved by `save_adapter` into `model`.
+def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = None) -> None:
+    """Loads adapter weights saved by `save_adapter` into `model`'s adapter
+    `adapter_name` (default: the active one; use `add_adapter` first to load
+    into a new one).
 
     Every key and shape is checked before anything is assigned; on any
     mismatch (another architecture, another rank, a truncated file) a
@@ -154,7 +171,7 @@ def load_adapter(model: keras.Model, path: str) -> None:
         >>> load_adapter(model, "task_a.adapter")  # doctest: +SKIP
     """
     tensors, metadata = _read_file(path)
-    state = adapter_state(model)
+    state = adapter_state(model, adapter_name)
     merged = [p for p, layer in _adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")

@@ -40,6 +40,8 @@ class LoRAModel(keras.Model):
     def __init__(self, inputs, outputs, name=None, **kwargs):
         lora_config = kwargs.pop("lora_config", None)
         nested_adapters = kwargs.pop("nested_adapters", None)
+        adapter_configs = kwargs.pop("adapter_configs", None) or {}
+        active_adapter = kwargs.pop("active_adapter", "default")
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
         if nested_adapters:
             self._restore_nested_adapters(nested_adapters)
@@ -48,7 +50,60 @@ class LoRAModel(keras.Model):
         elif not isinstance(lora_config, LoRAConfig):
             lora_config = LoRAConfig.from_dict(lora_config)
         self._lora_config = lora_config
+        # Configs of adapters added with tf_lora.add_adapter (plain dict, not tracked).
+        object.__setattr__(self, "_adapter_configs", {
+            name: c if isinstance(c, LoRAConfig) else LoRAConfig.from_dict(c) for name, c in adapter_configs.items()
+        })
+        object.__setattr__(self, "_active_adapter", active_adapter)
         self._freeze()
+
+    @property
+    def active_adapter(self):
+        """Name of the adapter the model uses now (`None` inside `disable_adapter`)."""
+        return self._active_adapter
+
+    def adapter_config(self, name: str) -> LoRAConfig:
+        """The `LoRAConfig` adapter `name` was created with."""
+        if name == "default":
+            return self._lora_config
+        if name not in self._adapter_configs:
+            raise ValueError(f"Received an invalid value for `adapter_name`, expected one of "
+                             f"{['default', *self._adapter_configs]}. Received: adapter_name={name!r}")
+        return self._adapter_configs[name]
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return ["default", *self._adapter_configs]
+
+    def adapter_layers(self):
+        """``[(path, layer)]`` of every tf_lora adapter layer in the model."""
+        from tf_lora.layers.lora import LoRALayer
+
+        return [(p, l) for p, l, _ in _walk(self) if isinstance(l, LoRALayer)]
+
+    def _train_ids(self) -> set:
+        ids = {id(v) for layer in self.modules_to_save_layers() for v in layer.weights}
+        for _, layer in self.adapter_layers():
+            ids.update(id(v) for v in layer.active_variables())
+        return ids
+
+    def reset_compiled_functions(self) -> None:
+        """Forgets traced train/test/predict functions (the active adapter is a
+        Python-level choice baked into them)."""
+        self.train_function = self.test_function = self.predict_function = None
+        object.__setattr__(self, "_saved_cache", None)
+
+    def fit(self, *args, **kwargs):
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and optimizer.built:
+            known = {id(v) for v in optimizer._trainable_variables}
+            unknown = [v.path for v in self.lora_variables if id(v) not in known]
+            if unknown:
+                raise ValueError(
+                    f"The optimizer was built for other variables than the active adapter's "
+                    f"(e.g. {unknown[:3]}); call model.compile(...) again after add_adapter/set_adapter."
+                )
+        return super().fit(*args, **kwargs)
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -62,19 +117,20 @@ class LoRAModel(keras.Model):
         return [layer for path, layer, _ in _walk(self) if matches(selector, layer.name, path)]
 
     def _freeze(self) -> None:
-        saved = {id(v) for layer in self.modules_to_save_layers() for v in layer.weights}
+        train = self._train_ids()
         for v in self.weights:
-            v.trainable = v.name.startswith("lora_") or id(v) in saved
+            v.trainable = id(v) in train
 
     @property
     def lora_variables(self) -> List[keras.Variable]:
-        """The variables `fit` updates: `lora_*` and those of `modules_to_save`."""
-        saved = {id(v) for layer in self.modules_to_save_layers() for v in layer.weights}
-        return [v for v in self.weights if v.name.startswith("lora_") or id(v) in saved]
+        """The variables `fit` updates: the active adapter's `lora_*` variables
+        and those of `modules_to_save`."""
+        train = self._train_ids()
+        return [v for v in self.weights if id(v) in train]
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = [v for v in self.trainable_variables if v.name.startswith("lora_") or v in self._saved_set()]
+        variables = [v for v in self.trainable_variables if v in self._train_set()]
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
@@ -89,10 +145,10 @@ class LoRAModel(keras.Model):
             self.optimizer.apply_gradients(zip(grads, variables))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _saved_set(self):
+    def _train_set(self):
         cached = getattr(self, "_saved_cache", None)
         if cached is None:
-            cached = _IdSet(v for layer in self.modules_to_save_layers() for v in layer.weights)
+            cached = _IdSet(v for v in self.lora_variables)
             object.__setattr__(self, "_saved_cache", cached)
         return cached
 
@@ -138,6 +194,8 @@ class LoRAModel(keras.Model):
         config = super().get_config()
         config["lora_config"] = self._lora_config.to_dict()
         config["nested_adapters"] = self._nested_adapters()
+        config["adapter_configs"] = {n: c.to_dict() for n, c in self._adapter_configs.items()}
+        config["active_adapter"] = self._active_adapter
         return config
 
 
