@@ -19,12 +19,16 @@ from tf_lora.adapters import (
     save_adapter,
 )
 from tf_lora.config import LoRAConfig, QLoRAConfig
+from tf_lora.convert import use_chunked_attention
+from tf_lora.layers.attention import ChunkedAttention
+from tf_lora.layers.chunked_op import chunked_attention
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
 from tf_lora.train import LoRAModel
 
 __all__ = sorted(
     [
+        "ChunkedAttention",
         "LoRAConfig",
         "LoRADense",
         "LoRAEinsumDense",
@@ -34,6 +38,7 @@ __all__ = sorted(
         "QLoRAConfig",
         "__version__",
         "adapt",
+        "chunked_attention",
         "add_adapter",
         "delete_adapter",
         "disable_adapter",
@@ -46,5 +51,6 @@ __all__ = sorted(
         "register_adapter",
         "save_adapter",
         "set_adapter",
+        "use_chunked_attention",
     ]
 )
