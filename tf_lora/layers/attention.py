@@ -18,7 +18,12 @@ from typing import Any, Optional
 import keras
 from keras import ops
 
-from tf_lora.layers.chunked_op import _check_positive_int, _normalize_mask, attention, chunked_attention
+from tf_lora.layers.chunked_op import (
+    _check_positive_int,
+    _normalize_mask,
+    chunked_attention,
+    masked_chunked_attention,
+)
 
 try:  # Keras >= 3.6 keeps masks behind these helpers.
     from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
@@ -63,13 +68,13 @@ class ChunkedAttention(keras.layers.MultiHeadAttention):
             `max_memory_bytes`.
         key_chunk_size: Keys per chunk, or `None` to derive it.
         max_memory_bytes: Budget for one float32 score tile of all batch
-            elements and heads; see `chunked_attention`. Defaults to 16 MiB.
+            elements and heads; see `chunked_attention`. Defaults to 8 MiB.
         **kwargs: Keyword arguments of `keras.layers.MultiHeadAttention`.
 
     Example:
         >>> layer = ChunkedAttention(num_heads=4, key_dim=16, query_chunk_size=64)
         >>> x = keras.random.normal((2, 200, 32))
-        >>> layer(x, x, use_causal_mask=True).shape
+        >>> tuple(layer(x, x, use_causal_mask=True).shape)
         (2, 200, 32)
     """
 
@@ -150,7 +155,7 @@ class ChunkedAttention(keras.layers.MultiHeadAttention):
                 masks.append(ops.cast(mask, "bool")[:, None, None, :])
         dropout_rate = self._dropout if training else 0.0
         seed = getattr(self._dropout_layer, "seed_generator", None) if dropout_rate > 0 else None
-        output = attention(
+        output = masked_chunked_attention(
             query, key, value, masks,
             causal=bool(use_causal_mask),
             sliding_window=getattr(self, "_sliding_window", None),
