@@ -23,6 +23,8 @@ from tf_lora.convert import use_chunked_attention
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
+from tf_lora.layers.qlora import QLoRADense, QLoRAEinsumDense
+from tf_lora.memory import memory_report, print_memory_report
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
 from tf_lora.train import LoRAModel
 
@@ -36,6 +38,8 @@ __all__ = sorted(
         "LoRAModel",
         "ParameterCount",
         "QLoRAConfig",
+        "QLoRADense",
+        "QLoRAEinsumDense",
         "__version__",
         "adapt",
         "chunked_attention",
@@ -44,8 +48,10 @@ __all__ = sorted(
         "disable_adapter",
         "count_parameters",
         "load_adapter",
+        "memory_report",
         "merge",
         "nf4",
+        "print_memory_report",
         "print_trainable_parameters",
         "read_adapter_config",
         "register_adapter",
