@@ -67,12 +67,14 @@ def _child(args) -> dict:
         out = fn(q, k, v)  # warm-up (tracing) also measures the peak
         [np.asarray(x) for x in tf.nest.flatten(out)]
         result[f"{name}_peak_mb"] = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
-        times = []
+        times, cpu_times = [], []
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             [np.asarray(x) for x in tf.nest.flatten(fn(q, k, v))]
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         result[f"{name}_ms"] = min(times) * 1e3
+        result[f"{name}_cpu_ms"] = min(cpu_times) * 1e3  # CPU time of all threads: steadier on a shared machine
         del out
     if args.impl == "chunked" and args.reference != "none":
         got = [np.asarray(x, np.float64) for x in train(q, k, v)]
@@ -189,12 +191,18 @@ def main() -> None:
             f"{ratio('fwd_bwd_peak_mb')} | {_fmt(ch.get('err_out'), 'e')} | {_fmt(ch.get('err_grad'), 'e')} | "
             f"{ch.get('reference', '-')} |"
         )
+    print("\nCPU-time ratios chunked / full (all threads; less sensitive to other load on the machine):")
+    for n, causal, full, ch in rows:
+        if "fwd_cpu_ms" in full and "fwd_cpu_ms" in ch:
+            print(f"  N={n} causal={causal}: fwd {ch['fwd_cpu_ms'] / full['fwd_cpu_ms']:.2f}, "
+                  f"fwd+bwd {ch['fwd_bwd_cpu_ms'] / full['fwd_bwd_cpu_ms']:.2f}")
     by = {(n, c): ch for n, c, _, ch in rows}
     for n in sizes:
         a, b = by.get((n, False), {}), by.get((n, True), {})
         if "fwd_bwd_ms" in a and "fwd_bwd_ms" in b:
             print(f"chunked causal / non-causal at N={n}: fwd {b['fwd_ms'] / a['fwd_ms']:.2f}, "
-                  f"fwd+bwd {b['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f}")
+                  f"fwd+bwd {b['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f} (CPU time: fwd "
+                  f"{b['fwd_cpu_ms'] / a['fwd_cpu_ms']:.2f}, fwd+bwd {b['fwd_bwd_cpu_ms'] / a['fwd_bwd_cpu_ms']:.2f})")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,9 @@ def test_mixed_precision(dtype):
     d_out = _rand(2, 21, 2, 6, seed=4)
     cast = [tf.cast(x, dtype) for x in (q, k, v)]
     out, grads = _run(
-        lambda q, k, v: chunked_attention(q, k, v, attention_mask=mask, causal=True, query_chunk_size=8, key_chunk_size=6),
+        lambda q, k, v: chunked_attention(
+            q, k, v, attention_mask=mask, causal=True, query_chunk_size=8, key_chunk_size=6
+        ),
         *cast, d_out,
     )
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -195,7 +197,9 @@ def test_jit_compile(dynamic):
     @tf.function(jit_compile=True, input_signature=signature)
     def step(q, k, v, mask):
         return _run(
-            lambda q, k, v: chunked_attention(q, k, v, attention_mask=mask, causal=True, max_memory_bytes=2 * 2 * 4 * 40),
+            lambda q, k, v: chunked_attention(
+                q, k, v, attention_mask=mask, causal=True, max_memory_bytes=2 * 2 * 4 * 40
+            ),
             q, k, v, d_out,
         )
 
@@ -407,7 +411,11 @@ def test_layer_return_attention_scores_raises():
 
 @pytest.mark.parametrize(
     "kwargs,error",
-    [(dict(query_chunk_size=0), ValueError), (dict(key_chunk_size="8"), TypeError), (dict(max_memory_bytes=-1), ValueError)],
+    [
+        (dict(query_chunk_size=0), ValueError),
+        (dict(key_chunk_size="8"), TypeError),
+        (dict(max_memory_bytes=-1), ValueError),
+    ],
     ids=["query_chunk_zero", "key_chunk_str", "budget_negative"],
 )
 def test_layer_bad_arguments(kwargs, error):
@@ -430,7 +438,8 @@ def _encoder():
     h = keras.layers.Dense(12, name="embed")(x)
     h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(2, 6, name="self_attn")(h, h))
     inner_in = keras.Input((13, 12))
-    inner = keras.Model(inner_in, keras.layers.MultiHeadAttention(3, 4, name="inner_attn")(inner_in, inner_in, use_causal_mask=True), name="inner")
+    inner_attn = keras.layers.MultiHeadAttention(3, 4, name="inner_attn")
+    inner = keras.Model(inner_in, inner_attn(inner_in, inner_in, use_causal_mask=True), name="inner")
     h = inner(h)
     head = keras.Sequential([keras.layers.Dense(5, name="head_dense")], name="head")
     return keras.Model(x, head(h))
@@ -478,3 +487,9 @@ def test_lora_adapts_chunked_projections():
     assert len(attn) == 2
     names = {w.path for layer in attn for w in layer.trainable_weights if w.name.startswith("lora_")}
     assert names and all("query" in n or "value" in n for n in names)
+
+
+def test_layer_two_dimensional_mask_is_query_by_key():
+    mha, chunked, q, v = _pair()
+    mask = _make_mask("full", 1, 13, 11)[0]  # (T_q, T_k), shared by the batch
+    _assert_close(chunked(q, v, attention_mask=mask), np.asarray(mha(q, v, attention_mask=mask)))

@@ -147,6 +147,9 @@ class ChunkedAttention(keras.layers.MultiHeadAttention):
         shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[1])
         masks = []
         if attention_mask is not None:
+            attention_mask = ops.convert_to_tensor(attention_mask)
+            if len(attention_mask.shape) == 2:  # (T_q, T_k) for all batch elements, as in MultiHeadAttention
+                attention_mask = attention_mask[None]
             masks.append(_normalize_mask(attention_mask, shape))
         if query_mask is not None:
             masks.append(ops.cast(query_mask, "bool")[:, None, :, None])

@@ -131,8 +131,10 @@ def _validate_qkv(query, key, value) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             raise TypeError(_invalid(name, "a floating-point tensor", f"<tensor of dtype {x.dtype.name}>"))
         if x.shape.rank != 4:
             raise ValueError(_invalid(name, "a 4D tensor (batch, seq, heads, head_dim)", f"<shape {tuple(x.shape)}>"))
-    checks = [("key", k, 0, "batch size", q), ("value", v, 0, "batch size", q), ("key", k, 2, "number of heads", q),
-              ("value", v, 2, "number of heads", q), ("key", k, 3, "head_dim", q), ("value", v, 1, "sequence length", k)]
+    checks = [
+        ("key", k, 0, "batch size", q), ("value", v, 0, "batch size", q), ("key", k, 2, "number of heads", q),
+        ("value", v, 2, "number of heads", q), ("key", k, 3, "head_dim", q), ("value", v, 1, "sequence length", k),
+    ]
     for name, x, axis, what, ref in checks:
         ref_name = "query" if ref is q else "key"
         if x.shape[axis] is not None and ref.shape[axis] is not None and x.shape[axis] != ref.shape[axis]:
@@ -275,7 +277,9 @@ def masked_chunked_attention(
         return tf.transpose(tf.reshape(x, [batch, n, chunk, heads, -1]), [1, 0, 3, 2, 4])
 
     def pad_mask(m):  # to whole chunks along T_q / T_k (unless broadcast)
-        pads = [[0, 0], [0, 0], [0, 0 if m.shape[2] == 1 else n_q * cq - q_len], [0, 0 if m.shape[3] == 1 else n_k * ck - k_len]]
+        q_pad = 0 if m.shape[2] == 1 else n_q * cq - q_len
+        k_pad = 0 if m.shape[3] == 1 else n_k * ck - k_len
+        pads = [[0, 0], [0, 0], [0, q_pad], [0, k_pad]]
         return tf.pad(m, pads, constant_values=False)
 
     plan = _Plan([pad_mask(m) for m in masks], causal, sliding_window, q_len, k_len, cq, ck,
