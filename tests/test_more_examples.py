@@ -1,0 +1,79 @@
+"""Smoke runs of the further examples with tiny settings (numbers finite, adapters
+improve their task) and their flag validation."""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import adapter_switching  # noqa: E402
+
+
+def _finite_numbers(report):
+    """Every number in a (nested) report dict."""
+    for key, value in report.items():
+        if isinstance(value, dict):
+            yield from _finite_numbers(value)
+        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            yield key, float(value)
+
+
+# ------------------------------------------------------------- adapter_switching ---
+SWITCH_TINY = ["--pretrain-steps", "50", "--steps", "200", "--train-size", "1024",
+               "--eval-size", "256", "--verbose", "0"]
+
+
+def test_adapter_switching_two_tasks_one_base(tmp_path):
+    report = adapter_switching.main(SWITCH_TINY + ["--save-dir", str(tmp_path)])
+    for key, value in _finite_numbers(report):
+        assert math.isfinite(value), key
+    acc = report["accuracy"]
+    # Each adapter beats the base on its own task; the topic task is easy.
+    assert acc["sentiment adapter"]["sentiment"] > acc["base"]["sentiment"] + 0.15
+    assert acc["topic adapter"]["topic"] > 0.9
+    assert acc["topic adapter"]["topic"] > acc["sentiment adapter"]["topic"] + 0.2
+    # One shared base, untouched; switching back restores the first adapter exactly.
+    assert report["base_max_abs_change"] == 0.0
+    assert report["switch_back_max_abs_diff"] == 0.0
+    assert report["adapter_params"]["sentiment"] == report["adapter_params"]["topic"] > 0
+    for task in ("sentiment", "topic"):
+        path = tmp_path / f"{task}.adapter"
+        assert path.stat().st_size == report["adapter_bytes"][task]
+        assert report["adapter_bytes"][task] < report["base_bytes"]
+    assert sorted(os.listdir(tmp_path)) == ["sentiment.adapter", "topic.adapter"]
+
+
+def test_adapter_switching_data_is_deterministic_and_balanced():
+    x1, y1 = adapter_switching.make_sentences(400, np.random.default_rng(5))
+    x2, y2 = adapter_switching.make_sentences(400, np.random.default_rng(5))
+    assert np.array_equal(x1, x2) and all(np.array_equal(y1[t], y2[t]) for t in y1)
+    for task in ("sentiment", "topic"):
+        assert 0.4 < y1[task].mean() < 0.6
+    # The tasks are independent: one label predicts the other at chance level.
+    assert 0.4 < np.mean(y1["sentiment"] == y1["topic"]) < 0.6
+    assert "not" in " ".join(adapter_switching.decode(t) for t in x1[:50])
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--rank", "0"], "--rank"),
+        (["--rank", "two"], "--rank"),
+        (["--alpha", "-1"], "--alpha"),
+        (["--steps", "0"], "--steps"),
+        (["--dim", "30"], "--dim"),
+        (["--save-dir", "/no/such/folder"], "--save-dir"),
+        (["--verbose", "5"], "--verbose"),
+    ],
+    ids=["rank_zero", "rank_text", "alpha_negative", "steps_zero", "dim_not_multiple_of_heads",
+         "save_dir_missing", "verbose_out_of_range"],
+)
+def test_adapter_switching_bad_flags(argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        adapter_switching.parse_args(argv)
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
