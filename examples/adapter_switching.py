@@ -93,7 +93,7 @@ def decode(tokens) -> str:
 
 
 # ----------------------------------------------------------------- model ---
-@keras.saving.register_keras_serializable(package="tf_lora_examples")
+@keras.saving.register_keras_serializable(package="tf_lora_examples.adapter_switching")
 class PositionEmbedding(keras.layers.Layer):
     """Adds a learned position embedding to a (batch, seq, dim) input."""
 

@@ -95,7 +95,7 @@ def source_windows(seq_len: int, count: int, seed: int):
 def build_model(args):
     import keras
 
-    @keras.saving.register_keras_serializable(package="tf_lora_examples")
+    @keras.saving.register_keras_serializable(package="tf_lora_examples.long_sequence")
     class PositionEmbedding(keras.layers.Layer):
         """Adds a learned position embedding to a (batch, seq, dim) input."""
 

@@ -41,7 +41,7 @@ from tf_lora import nf4  # noqa: E402
 
 
 # ----------------------------------------------------------------- model ---
-@keras.saving.register_keras_serializable(package="tf_lora_examples")
+@keras.saving.register_keras_serializable(package="tf_lora_examples.memory_report")
 class PositionEmbedding(keras.layers.Layer):
     """Adds a learned position embedding to a (batch, seq, dim) input."""
 
