@@ -156,6 +156,12 @@ def test_fully_masked_rows_average_values(causal):
     _assert_close(out, np.asarray(k_out))
 
 
+def test_empty_query_sequence():
+    q, k, v = _inputs(2, 0, 7)
+    out = chunked_attention(q, k, v, causal=True)
+    assert out.shape == (2, 0, 2, 6)
+
+
 def test_all_keys_masked_batch_element():
     q, k, v = _inputs(2, 6, 7)
     mask = np.ones((2, 7), bool)
@@ -216,8 +222,8 @@ def test_chunk_sizes_fit_the_budget():
         assert 4 * 8 * cq * ck <= budget and cq >= 1 and ck >= 1
     assert chunk_sizes(8, 100, 100, max_memory_bytes=2**30) == (100, 100)  # whole sequences
     assert chunk_sizes(8, 300, 500, query_chunk_size=64, key_chunk_size=1000) == (64, 500)
-    cq, ck = chunk_sizes(8, 4096, 4096)  # default: 8 MiB, 512 x 512 for 8 heads
-    assert (cq, ck) == (512, 512)
+    cq, ck = chunk_sizes(8, 4096, 4096)  # default: 16 MiB, 1024 x 512 for 8 heads
+    assert (cq, ck) == (1024, 512)
 
 
 def test_budget_only_matches_reference():
@@ -298,6 +304,7 @@ BAD_INPUTS = {
     "mask_shape": (dict(attention_mask=np.ones((2, 4), bool)), ValueError, r"\(batch, T_k\) = \(2, 6\)"),
     "mask_rank": (dict(attention_mask=np.ones((6,), bool)), ValueError, "attention_mask"),
     "dropout": (dict(dropout=1.0), ValueError, "dropout=1.0"),
+    "no_keys": (dict(key=_rand(2, 0, 2, 8), value=_rand(2, 0, 2, 6)), ValueError, "at least one key"),
 }
 
 
@@ -493,3 +500,19 @@ def test_layer_two_dimensional_mask_is_query_by_key():
     mha, chunked, q, v = _pair()
     mask = _make_mask("full", 1, 13, 11)[0]  # (T_q, T_k), shared by the batch
     _assert_close(chunked(q, v, attention_mask=mask), np.asarray(mha(q, v, attention_mask=mask)))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_peak_memory_stays_far_below_the_score_matrix(causal):
+    """Forward + backward at T=2048 with 4 heads: the score matrix alone is 64 MiB."""
+    n, heads = 2048, 4
+    q, k, v = (tf.constant(_rand(1, n, heads, 16, seed=s)) for s in range(3))
+
+    @tf.function
+    def step(q, k, v):
+        return _run(lambda q, k, v: chunked_attention(q, k, v, causal=causal, max_memory_bytes=2**20), q, k, v, 1.0)
+
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    [np.asarray(x) for x in tf.nest.flatten(step(q, k, v))]
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    assert peak < 24 * 2**20, peak  # measured 8 MiB (full attention: 211 MiB)

@@ -68,7 +68,7 @@ class ChunkedAttention(keras.layers.MultiHeadAttention):
             `max_memory_bytes`.
         key_chunk_size: Keys per chunk, or `None` to derive it.
         max_memory_bytes: Budget for one float32 score tile of all batch
-            elements and heads; see `chunked_attention`. Defaults to 8 MiB.
+            elements and heads; see `chunked_attention`. Defaults to 16 MiB.
         **kwargs: Keyword arguments of `keras.layers.MultiHeadAttention`.
 
     Example:
