@@ -59,7 +59,9 @@ class ChunkedAttention(keras.layers.MultiHeadAttention):
     arguments below. Outputs and gradients equal those of
     `MultiHeadAttention` with the same weights up to float32 rounding; only
     `return_attention_scores=True` is unsupported. Attention is computed over
-    the sequence axis of (batch, seq, features) inputs.
+    the sequence axis of (batch, seq, features) inputs. Dropout has the same
+    distribution as `MultiHeadAttention`'s but draws its own masks, and a row
+    that sees no key (it averages all values) gets no dropout.
 
     Args:
         *args: Positional arguments of `keras.layers.MultiHeadAttention`
