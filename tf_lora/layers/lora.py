@@ -60,11 +60,15 @@ class LoRADense(LoRALayer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.bias = None
 
+    def _build_kernel(self, kernel_shape) -> None:
+        """Creates the frozen base kernel (QLoRA layers store it in NF4 instead)."""
+        self.kernel = self.add_weight(
+            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer, trainable=False
+        )
+
     def build(self, input_shape):
         in_dim = int(input_shape[-1])
-        self.kernel = self.add_weight(
-            name="kernel", shape=(in_dim, self.units), initializer=self.kernel_initializer, trainable=False
-        )
+        self._build_kernel((in_dim, self.units))
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias", shape=(self.units,), initializer=self.bias_initializer, trainable=False
@@ -196,25 +200,31 @@ class LoRAEinsumDense(LoRALayer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self._eq_a, self._eq_b, self._eq_delta, self._in_axes, self._out_axes = _einsum_lora_equations(equation)
+        self._k_sub = equation.replace(" ", "").split("->")[0].split(",")[1]
         self.bias = None
         self.full_output_shape = None
+        self._built_shape = None
 
     def build(self, input_shape):
         kernel_shape, bias_shape, full_output_shape, _, _ = _analyze_einsum_string(
             self.equation, self.bias_axes, input_shape, self.partial_output_shape
         )
+        self._built_shape = tuple(input_shape)
         self.full_output_shape = tuple(full_output_shape)
         self.input_spec = keras.InputSpec(ndim=len(input_shape))
-        self.kernel = self.add_weight(
-            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer, trainable=False
-        )
+        self._build_kernel(tuple(kernel_shape))
         if bias_shape is not None:
             self.bias = self.add_weight(
                 name="bias", shape=tuple(bias_shape), initializer=self.bias_initializer, trainable=False
             )
-        k_sub = self.equation.replace(" ", "").split("->")[0].split(",")[1]
-        dims = dict(zip(k_sub, kernel_shape))
+        dims = dict(zip(self._k_sub, kernel_shape))
         self._build_lora([dims[c] for c in self._in_axes], [dims[c] for c in self._out_axes])
+
+    def _build_kernel(self, kernel_shape) -> None:
+        """Creates the frozen base kernel (QLoRA layers store it in NF4 instead)."""
+        self.kernel = self.add_weight(
+            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer, trainable=False
+        )
 
     def _base_call(self, inputs):
         return ops.einsum(self.equation, inputs, self.kernel)
@@ -224,9 +234,8 @@ class LoRAEinsumDense(LoRALayer):
         return ops.einsum(self._eq_b, hidden, lora_b)
 
     def _delta_to_kernel_layout(self, delta: np.ndarray) -> np.ndarray:
-        k_sub = self.equation.replace(" ", "").split("->")[0].split(",")[1]
         order = self._in_axes + self._out_axes
-        return np.transpose(delta, [order.index(c) for c in k_sub])
+        return np.transpose(delta, [order.index(c) for c in self._k_sub])
 
     def compute_output_shape(self, input_shape):
         _, _, full_output_shape, _, _ = _analyze_einsum_string(
@@ -302,4 +311,4 @@ class LoRAEinsumDense(LoRALayer):
         return dense
 
     def _built_input_shape(self) -> tuple:
-        return self._input_shape_of(self)
+        return self._built_shape

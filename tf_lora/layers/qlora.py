@@ -28,7 +28,7 @@ from keras import ops
 
 from tf_lora import nf4
 from tf_lora.config import QLoRAConfig
-from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, _analyze_einsum_string, _invalid
+from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, _invalid
 
 # NF4 values of the high and low nibble of each of the 256 bytes: one gather unpacks two codes.
 _CODEBOOK = np.asarray(nf4.CODEBOOK, np.float32)
@@ -61,8 +61,8 @@ def _scale_groups(values: tf.Tensor, scales: tf.Tensor, group_size: int, n: int)
 class _NF4Base:
     """The NF4 storage, dequantization, merge rules and hooks shared by both layers.
 
-    Subclasses call `_build_base(kernel_shape)` in `build` and read the base kernel
-    through `_base_kernel()`.
+    It replaces the parents' `_build_kernel` (a float kernel) with NF4 storage;
+    subclasses read the base kernel through `_base_kernel()`.
     """
 
     def __init__(self, *args, quantization: Union[QLoRAConfig, Mapping, None] = None, **kwargs):
@@ -85,7 +85,7 @@ class _NF4Base:
         """The dtype the base kernel is dequantized to and multiplied in."""
         return self.quantization.compute_dtype or self.compute_dtype
 
-    def _build_base(self, kernel_shape) -> None:
+    def _build_kernel(self, kernel_shape) -> None:
         self.kernel_shape = tuple(int(d) for d in kernel_shape)
         # autocast=False: the scales (and the fake-quant kernel) are read in float32
         # under mixed precision; the result is cast to the compute dtype once.
@@ -246,16 +246,6 @@ class QLoRADense(_NF4Base, LoRADense):
         (2, 16)
     """
 
-    def build(self, input_shape):
-        in_dim = int(input_shape[-1])
-        self._build_base((in_dim, self.units))
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias", shape=(self.units,), initializer=self.bias_initializer, trainable=False
-            )
-        self._build_lora((in_dim,), (self.units,))
-        self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: in_dim})
-
     def _base_call(self, inputs):
         kernel, torch_layout = self._base_kernel()
         x = self._cast_in(inputs)
@@ -307,23 +297,6 @@ class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
         lhs, out = equation.replace(" ", "").split("->")
         x_sub, k_sub = lhs.split(",")
         self._torch_equation = f"{x_sub},{k_sub[-1]}{k_sub[:-1]}->{out}"
-        self._input_shape_built = None
-
-    def build(self, input_shape):
-        kernel_shape, bias_shape, full_output_shape, _, _ = _analyze_einsum_string(
-            self.equation, self.bias_axes, input_shape, self.partial_output_shape
-        )
-        self._input_shape_built = tuple(input_shape)
-        self.full_output_shape = tuple(full_output_shape)
-        self.input_spec = keras.InputSpec(ndim=len(input_shape))
-        self._build_base(kernel_shape)
-        if bias_shape is not None:
-            self.bias = self.add_weight(
-                name="bias", shape=tuple(bias_shape), initializer=self.bias_initializer, trainable=False
-            )
-        k_sub = self.equation.replace(" ", "").split("->")[0].split(",")[1]
-        dims = dict(zip(k_sub, kernel_shape))
-        self._build_lora([dims[c] for c in self._in_axes], [dims[c] for c in self._out_axes])
 
     def _base_call(self, inputs):
         kernel, torch_layout = self._base_kernel()
@@ -341,5 +314,3 @@ class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
             lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
         )
 
-    def _built_input_shape(self) -> tuple:
-        return self._input_shape_built
