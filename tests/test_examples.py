@@ -6,7 +6,6 @@ import os
 import sys
 from unittest import mock
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -19,8 +18,6 @@ TINY = ["--pretrain-steps", "20", "--steps", "40", "--batch-size", "8", "--seq-l
 
 @pytest.mark.parametrize("quant", [False, True], ids=["lora", "qlora"])
 def test_finetune_lm_improves_target_domain(quant, tmp_path):
-    if quant and not hasattr(finetune.tf_lora, "QLoRADense"):
-        pytest.skip("QLoRA layers not available")
     path = str(tmp_path / "code.adapter")
     argv = TINY + ["--save-adapter", path] + ([] if quant else ["--no-quant"])
     report = finetune.main(argv)

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - older Keras 3
     def set_keras_mask(x, mask):
         try:
             x._keras_mask = mask
-        except AttributeError:
+        except AttributeError:  # e.g. a tf.Tensor that takes no attributes: no mask to carry
             pass
 
 
