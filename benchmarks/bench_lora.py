@@ -69,22 +69,23 @@ class Variant:
         return f"{self.kind}/{'xla' if self.jit else 'graph'}"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_size_arguments(p: argparse.ArgumentParser, quick: dict, full: dict) -> None:
+    """The flags every Dense train-step benchmark takes; defaults from `full`/`quick`."""
     p.add_argument("--rounds", type=int, default=None,
-                   help="timed rounds, one step of every variant each (default 60; 10 with --quick)")
+                   help=f"timed rounds, one step of every variant each (default {full['rounds']}; {quick['rounds']} with --quick)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed rounds after tracing (default 3; 1 with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 64; 2 with --quick)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128; 8 with --quick)")
-    p.add_argument("--dim", type=int, default=None, help="in = out features (default 1024; 32 with --quick)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8; 4 with --quick)")
+                   help=f"untimed rounds after tracing (default {full['warmup']}; {quick['warmup']} with --quick)")
+    p.add_argument("--batch", type=int, default=None, help=f"batch size (default {full['batch']}; {quick['batch']} with --quick)")
+    p.add_argument("--seq", type=int, default=None, help=f"sequence length (default {full['seq']}; {quick['seq']} with --quick)")
+    p.add_argument("--dim", type=int, default=None, help=f"in = out features (default {full['dim']}; {quick['dim']} with --quick)")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {full['rank']}; {quick['rank']} with --quick)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (smoke test)")
-    args = p.parse_args(argv)
-    quick = dict(rounds=10, warmup=1, batch=2, seq=8, dim=32, rank=4)
-    full = dict(rounds=60, warmup=3, batch=64, seq=128, dim=1024, rank=8)
+
+
+def resolve_sizes(p: argparse.ArgumentParser, args: argparse.Namespace, quick: dict, full: dict) -> None:
+    """Fills unset sizes from `quick`/`full` and rejects non-positive ones."""
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -93,6 +94,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    quick = dict(rounds=10, warmup=1, batch=2, seq=8, dim=32, rank=4)
+    full = dict(rounds=60, warmup=3, batch=64, seq=128, dim=1024, rank=8)
+    add_size_arguments(p, quick, full)
+    args = p.parse_args(argv)
+    resolve_sizes(p, args, quick, full)
     return args
 
 

@@ -42,7 +42,9 @@ import time  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from bench_lora import Variant, _loadavg, make_train_step, pct  # noqa: E402
+from bench_lora import (  # noqa: E402
+    Variant, _loadavg, add_size_arguments, make_dense, make_train_step, pct, resolve_sizes,
+)
 from keras import quantizers  # noqa: E402
 from keras.src.quantizers.quantizers import dequantize_with_sz_map  # noqa: E402 (Keras' int4 math)
 
@@ -58,35 +60,14 @@ GOAL = 1.0  # qlora / keras_int4, with and without XLA
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 40; 5 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3; 1 with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 64; 2 with --quick)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128; 8 with --quick)")
-    p.add_argument("--dim", type=int, default=None, help="in = out features (default 1024; 256 with --quick)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8; 4 with --quick)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (smoke test)")
-    args = p.parse_args(argv)
     quick = dict(rounds=5, warmup=1, batch=2, seq=8, dim=256, rank=4)
     full = dict(rounds=40, warmup=3, batch=64, seq=128, dim=1024, rank=8)
-    for name, value in (quick if args.quick else full).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    for name in ("rounds", "batch", "seq", "dim", "rank"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    add_size_arguments(p, quick, full)
+    args = p.parse_args(argv)
+    resolve_sizes(p, args, quick, full)
     if args.dim % 128:
         p.error(f"--dim must be a multiple of 128 (the group sizes compared), got {args.dim}")
     return args
-
-
-def make_dense(kernel: np.ndarray, bias: np.ndarray) -> keras.layers.Dense:
-    dense = keras.layers.Dense(kernel.shape[1])
-    dense.build((None, kernel.shape[0]))
-    dense.kernel.assign(kernel)
-    dense.bias.assign(bias)
-    return dense
 
 
 def keras_int4(kernel: np.ndarray, bias: np.ndarray, block_size: int = 128) -> keras.layers.Dense:
