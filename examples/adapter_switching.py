@@ -23,7 +23,6 @@ Run ``python examples/adapter_switching.py --help`` for the flags.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 import tf_lora  # noqa: E402
+from example_utils import PositionEmbedding, positive  # noqa: E402
 
 # ------------------------------------------------------------------ data ---
 SPORTS = ("match", "game", "team", "coach", "goalkeeper", "race", "season", "striker")
@@ -93,24 +93,6 @@ def decode(tokens) -> str:
 
 
 # ----------------------------------------------------------------- model ---
-@keras.saving.register_keras_serializable(package="tf_lora_examples.adapter_switching")
-class PositionEmbedding(keras.layers.Layer):
-    """Adds a learned position embedding to a (batch, seq, dim) input."""
-
-    def __init__(self, max_len, **kwargs):
-        super().__init__(**kwargs)
-        self.max_len = max_len
-
-    def build(self, input_shape):
-        self.positions = self.add_weight(name="positions", shape=(self.max_len, input_shape[-1]), initializer="glorot_uniform")
-
-    def call(self, x):
-        return x + keras.ops.cast(self.positions[: keras.ops.shape(x)[1]], x.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "max_len": self.max_len}
-
-
 def trunk(dim: int, layers: int = 2, heads: int = 4):
     """Token ids -> (batch, SEQ_LEN, dim) features: a small causal transformer."""
     tokens = keras.Input((SEQ_LEN,), dtype="int32", name="tokens")
@@ -165,32 +147,17 @@ def base_snapshot(model) -> dict:
 
 
 # ------------------------------------------------------------------ args ---
-def _positive(flag, kind=int):
-    what = "a positive integer" if kind is int else "a positive number"
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects {what}, got {text!r}") from None
-        if not value > 0 or (kind is float and math.isinf(value)):
-            raise argparse.ArgumentTypeError(f"{flag} expects {what}, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="random seed (deterministic runs)")
-    p.add_argument("--rank", type=_positive("--rank"), default=8, help="LoRA rank of the projections")
-    p.add_argument("--alpha", type=_positive("--alpha", float), default=16.0, help="LoRA alpha")
-    p.add_argument("--pretrain-steps", type=_positive("--pretrain-steps"), default=300)
-    p.add_argument("--steps", type=_positive("--steps"), default=300, help="training steps per adapter")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
-    p.add_argument("--dim", type=_positive("--dim"), default=64, help="model width (a multiple of 4)")
-    p.add_argument("--train-size", type=_positive("--train-size"), default=2000, help="labelled sentences per task")
-    p.add_argument("--eval-size", type=_positive("--eval-size"), default=1000)
+    p.add_argument("--rank", type=positive("--rank"), default=8, help="LoRA rank of the projections")
+    p.add_argument("--alpha", type=positive("--alpha", float), default=16.0, help="LoRA alpha")
+    p.add_argument("--pretrain-steps", type=positive("--pretrain-steps"), default=300)
+    p.add_argument("--steps", type=positive("--steps"), default=300, help="training steps per adapter")
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=32)
+    p.add_argument("--dim", type=positive("--dim"), default=64, help="model width (a multiple of 4)")
+    p.add_argument("--train-size", type=positive("--train-size"), default=2000, help="labelled sentences per task")
+    p.add_argument("--eval-size", type=positive("--eval-size"), default=1000)
     p.add_argument("--save-dir", metavar="DIR", help="also write sentiment.adapter and topic.adapter to DIR")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1 if sys.stdout.isatty() else 2,
                    help="Keras progress display (default: bar on a terminal, a line per epoch otherwise)")

@@ -45,6 +45,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 import tf_lora  # noqa: E402
+from example_utils import PositionEmbedding, positive  # noqa: E402
 
 # Fixed module lists keep the corpora identical on every machine.
 PROSE_MODULES = (
@@ -104,24 +105,6 @@ def windows(data: bytes, seq_len: int, count: int, rng: np.random.Generator):
 
 
 # ------------------------------------------------------------------ model ---
-@keras.saving.register_keras_serializable(package="tf_lora_examples")
-class PositionEmbedding(keras.layers.Layer):
-    """Adds a learned position embedding to a (batch, seq, dim) input."""
-
-    def __init__(self, max_len, **kwargs):
-        super().__init__(**kwargs)
-        self.max_len = max_len
-
-    def build(self, input_shape):
-        self.positions = self.add_weight(name="positions", shape=(self.max_len, input_shape[-1]), initializer="glorot_uniform")
-
-    def call(self, x):
-        return x + keras.ops.cast(self.positions[: keras.ops.shape(x)[1]], x.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "max_len": self.max_len}
-
-
 def language_model(seq_len=128, dim=128, heads=4, layers=2, vocab=256) -> keras.Model:
     tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(vocab, dim, name="embedding")(tokens)
@@ -152,42 +135,18 @@ def _mib(n_bytes: float) -> str:
 
 
 # ------------------------------------------------------------------- args ---
-def _positive_int(flag):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {value}")
-        return value
-    return parse
-
-
-def _positive_float(flag):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive number, got {text!r}") from None
-        if not value > 0 or math.isinf(value):
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive number, got {value}")
-        return value
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="random seed (deterministic runs)")
-    p.add_argument("--rank", type=_positive_int("--rank"), default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=_positive_float("--alpha"), default=16.0, help="LoRA alpha")
-    p.add_argument("--pretrain-steps", type=_positive_int("--pretrain-steps"), default=300)
-    p.add_argument("--steps", type=_positive_int("--steps"), default=200, help="fine-tuning steps")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16)
-    p.add_argument("--seq-len", type=_positive_int("--seq-len"), default=128)
-    p.add_argument("--dim", type=_positive_int("--dim"), default=128)
-    p.add_argument("--layers", type=_positive_int("--layers"), default=2)
-    p.add_argument("--eval-windows", type=_positive_int("--eval-windows"), default=256)
+    p.add_argument("--rank", type=positive("--rank"), default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=positive("--alpha", float), default=16.0, help="LoRA alpha")
+    p.add_argument("--pretrain-steps", type=positive("--pretrain-steps"), default=300)
+    p.add_argument("--steps", type=positive("--steps"), default=200, help="fine-tuning steps")
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=16)
+    p.add_argument("--seq-len", type=positive("--seq-len"), default=128)
+    p.add_argument("--dim", type=positive("--dim"), default=128)
+    p.add_argument("--layers", type=positive("--layers"), default=2)
+    p.add_argument("--eval-windows", type=positive("--eval-windows"), default=256)
     p.add_argument("--no-quant", action="store_true", help="plain LoRA (float32 base) instead of QLoRA/NF4")
     p.add_argument("--chunked-attention", action="store_true", help="use tf_lora.ChunkedAttention while adapting")
     p.add_argument("--save-adapter", metavar="PATH", help="write the trained adapter to PATH")

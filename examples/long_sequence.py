@@ -32,6 +32,8 @@ import sys
 import time
 import warnings
 
+from example_utils import positive
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore")
 
@@ -42,29 +44,16 @@ SOURCE_MODULES = ("argparse", "ast", "calendar", "configparser", "dataclasses", 
 
 
 # ------------------------------------------------------------------ args ---
-def _positive_int(flag):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="random seed (deterministic runs)")
-    p.add_argument("--seq-len", type=_positive_int("--seq-len"), default=2048, help="tokens (bytes) per sequence")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=2)
-    p.add_argument("--steps", type=_positive_int("--steps"), default=6, help="training steps per variant")
-    p.add_argument("--dim", type=_positive_int("--dim"), default=64, help="model width")
-    p.add_argument("--heads", type=_positive_int("--heads"), default=4, help="attention heads (must divide --dim)")
-    p.add_argument("--layers", type=_positive_int("--layers"), default=2, help="transformer blocks")
-    p.add_argument("--chunk-size", type=_positive_int("--chunk-size"), default=256,
+    p.add_argument("--seq-len", type=positive("--seq-len"), default=2048, help="tokens (bytes) per sequence")
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=2)
+    p.add_argument("--steps", type=positive("--steps"), default=6, help="training steps per variant")
+    p.add_argument("--dim", type=positive("--dim"), default=64, help="model width")
+    p.add_argument("--heads", type=positive("--heads"), default=4, help="attention heads (must divide --dim)")
+    p.add_argument("--layers", type=positive("--layers"), default=2, help="transformer blocks")
+    p.add_argument("--chunk-size", type=positive("--chunk-size"), default=256,
                    help="query and key chunk size of the chunked attention")
     p.add_argument("--variants", default="mha,chunked",
                    help="comma-separated variants to run, from: " + ", ".join(VARIANTS))
@@ -95,23 +84,7 @@ def source_windows(seq_len: int, count: int, seed: int):
 def build_model(args):
     import keras
 
-    @keras.saving.register_keras_serializable(package="tf_lora_examples.long_sequence")
-    class PositionEmbedding(keras.layers.Layer):
-        """Adds a learned position embedding to a (batch, seq, dim) input."""
-
-        def __init__(self, max_len, **kwargs):
-            super().__init__(**kwargs)
-            self.max_len = max_len
-
-        def build(self, input_shape):
-            self.positions = self.add_weight(name="positions", shape=(self.max_len, input_shape[-1]),
-                                             initializer="glorot_uniform")
-
-        def call(self, x):
-            return x + keras.ops.cast(self.positions[: keras.ops.shape(x)[1]], x.dtype)
-
-        def get_config(self):
-            return {**super().get_config(), "max_len": self.max_len}
+    from example_utils import PositionEmbedding
 
     tokens = keras.Input((args.seq_len,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(256, args.dim, name="embedding")(tokens)

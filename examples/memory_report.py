@@ -21,9 +21,7 @@ Run ``python examples/memory_report.py --help`` for the flags.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import sys
 import time
 import warnings
 
@@ -38,28 +36,10 @@ tf.get_logger().setLevel("ERROR")
 
 import tf_lora  # noqa: E402
 from tf_lora import nf4  # noqa: E402
+from example_utils import PositionEmbedding, positive  # noqa: E402
 
 
 # ----------------------------------------------------------------- model ---
-@keras.saving.register_keras_serializable(package="tf_lora_examples.memory_report")
-class PositionEmbedding(keras.layers.Layer):
-    """Adds a learned position embedding to a (batch, seq, dim) input."""
-
-    def __init__(self, max_len, **kwargs):
-        super().__init__(**kwargs)
-        self.max_len = max_len
-
-    def build(self, input_shape):
-        self.positions = self.add_weight(name="positions", shape=(self.max_len, input_shape[-1]),
-                                         initializer=keras.initializers.RandomNormal(stddev=0.02))
-
-    def call(self, x):
-        return x + keras.ops.cast(self.positions[: keras.ops.shape(x)[1]], x.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "max_len": self.max_len}
-
-
 def transformer(args) -> keras.Model:
     """A GPT-style decoder: pre-norm blocks of causal attention and a GELU MLP."""
     init = keras.initializers.RandomNormal(stddev=0.02)
@@ -90,29 +70,16 @@ def qlora_config(args, double_quant: bool) -> tf_lora.LoRAConfig:
 
 
 # ------------------------------------------------------------------ args ---
-def _positive_int(flag):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="random seed (deterministic runs)")
-    p.add_argument("--layers", type=_positive_int("--layers"), default=6, help="transformer blocks")
-    p.add_argument("--dim", type=_positive_int("--dim"), default=512, help="model width")
-    p.add_argument("--heads", type=_positive_int("--heads"), default=8, help="attention heads (must divide --dim)")
-    p.add_argument("--vocab", type=_positive_int("--vocab"), default=8192, help="vocabulary size")
-    p.add_argument("--seq-len", type=_positive_int("--seq-len"), default=128)
-    p.add_argument("--rank", type=_positive_int("--rank"), default=8, help="LoRA rank")
-    p.add_argument("--group-size", type=_positive_int("--group-size"), default=64,
+    p.add_argument("--layers", type=positive("--layers"), default=6, help="transformer blocks")
+    p.add_argument("--dim", type=positive("--dim"), default=512, help="model width")
+    p.add_argument("--heads", type=positive("--heads"), default=8, help="attention heads (must divide --dim)")
+    p.add_argument("--vocab", type=positive("--vocab"), default=8192, help="vocabulary size")
+    p.add_argument("--seq-len", type=positive("--seq-len"), default=128)
+    p.add_argument("--rank", type=positive("--rank"), default=8, help="LoRA rank")
+    p.add_argument("--group-size", type=positive("--group-size"), default=64,
                    help="NF4 group (bitsandbytes block) size")
     p.add_argument("--all-rows", action="store_true", help="print every layer (default: the first block and totals)")
     args = p.parse_args(argv)
