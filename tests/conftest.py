@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow 2.21's default (oneDNN) CPU allocator keeps no memory statistics, so
+# `tf.config.experimental.get_memory_info` / `reset_memory_stats` need the BFC one;
+# it must be chosen before TensorFlow is imported.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

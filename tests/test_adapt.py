@@ -27,7 +27,9 @@ def test_adapted_equals_base_and_base_untouched(factory):
     expected = base(x)
     weights, types = _snapshot(base)
     model = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, target_modules="all-linear"))
-    assert isinstance(model, tf_lora.LoRAModel)
+    # Plain Functional/Sequential models come back as LoRAModel, other classes as themselves.
+    assert isinstance(model, tf_lora.LoRAModel if factory is not Backbone else Backbone)
+    assert isinstance(model, tf_lora.AdaptedModel)
     got = model(x)
     for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(got)):
         np.testing.assert_array_equal(np.asarray(e), np.asarray(g))
@@ -107,19 +109,48 @@ def test_unbuilt_model():
         tf_lora.adapt(model, tf_lora.LoRAConfig())
 
 
-def test_subclassed_model():
-    class Sub(keras.Model):
-        def __init__(self):
+class _Sub(keras.Model):
+    def __init__(self, units=3, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.proj = keras.layers.Dense(units, name="query")
+
+    def call(self, x):
+        return self.proj(x)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def test_subclassed_model_keeps_its_class():
+    sub = _Sub()
+    x = np.ones((2, 4), "float32")
+    expected = sub(x)
+    model = tf_lora.adapt(sub, tf_lora.LoRAConfig(rank=2))
+    assert isinstance(model, _Sub) and isinstance(model, tf_lora.AdaptedModel) and model is not sub
+    assert isinstance(model.proj, tf_lora.LoRADense) and not isinstance(sub.proj, LoRALayer)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(expected))
+    assert [v.name for v in model.trainable_variables] == ["lora_a", "lora_b"]
+
+
+def test_class_that_cannot_be_rebuilt_says_use_inplace():
+    class Opaque(keras.Model):
+        def __init__(self, fn):
             super().__init__()
+            self.fn = fn
             self.query = keras.layers.Dense(3)
 
         def call(self, x):
-            return self.query(x)
+            return self.fn(self.query(x))
 
-    sub = Sub()
-    sub(np.ones((1, 4), "float32"))
-    with pytest.raises(TypeError, match="Functional or Sequential"):
-        tf_lora.adapt(sub, tf_lora.LoRAConfig())
+    model = Opaque(lambda t: t * 2.0)
+    model(np.ones((1, 4), "float32"))
+    with pytest.raises(TypeError, match="inplace=True"):
+        tf_lora.adapt(model, tf_lora.LoRAConfig(target_modules=("dense",)))
+    assert not isinstance(model.query, LoRALayer)
+    # In place it works, and returns the same object.
+    assert tf_lora.adapt(model, tf_lora.LoRAConfig(target_modules=("dense",)), inplace=True) is model
+    assert isinstance(model.query, tf_lora.LoRADense)
 
 
 def test_adapting_twice_raises_and_changes_nothing():
@@ -155,3 +186,52 @@ def test_mixed_precision_adapt():
     assert all(v.dtype == "float32" for v in model.lora_variables)
     y = model(data(base))
     assert str(y.dtype).endswith("float16") or "float16" in str(y.dtype)
+
+
+class _AutoConfigBlock(keras.layers.Layer):
+    """Relies on Keras' automatic get_config, which drops the layer name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.query = keras.layers.Dense(4, name="query")
+
+    def call(self, x):
+        return self.query(x)
+
+
+def test_adapt_auto_config_block_is_not_a_silent_noop():
+    """Issue 14.1: the selected target inside a block named 'blk' is adapted, names are kept."""
+    inputs = keras.Input((4,))
+    base = keras.Model(inputs, _AutoConfigBlock(name="blk")(inputs))
+    model = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, dropout=0.0))
+    assert _adapted_paths(model) == ["blk/query"]
+    assert [l.name for l in model.layers] == [l.name for l in base.layers]
+    assert sorted(v.name for v in model.trainable_variables) == ["lora_a", "lora_b"]
+
+
+class _TwoProj(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = keras.layers.Dense(4, name="proj")
+        self.second = keras.layers.Dense(4, name="proj")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def test_same_named_sublayers_get_distinct_adapter_keys(tmp_path):
+    """Issue 14.5: two sublayers named 'proj' give four distinct keys and an exact round trip."""
+    inputs = keras.Input((4,))
+    base = keras.Model(inputs, _TwoProj(name="pair")(inputs))
+    config = tf_lora.LoRAConfig(rank=2, target_modules=("proj",))
+    model = tf_lora.adapt(base, config)
+    assert _adapted_paths(model) == ["pair/proj", "pair/proj#1"]
+    for _, layer in model.adapter_layers():
+        layer.lora_b.assign(np.random.default_rng(0).standard_normal(layer.lora_b.shape).astype("float32"))
+    state = tf_lora.adapters.adapter_state(model)
+    assert len(state) == 4 == len(model.lora_variables)
+    tf_lora.save_adapter(model, str(tmp_path / "pair.adapter"))
+    fresh = tf_lora.adapt(base, config)
+    tf_lora.load_adapter(fresh, str(tmp_path / "pair.adapter"))
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))

@@ -476,8 +476,10 @@ def test_use_chunked_attention_rejects_subclassed_and_bad_args():
         def call(self, x):
             return x
 
-    with pytest.raises(TypeError, match="Functional or Sequential"):
+    with pytest.raises(ValueError, match="no keras.layers.MultiHeadAttention"):
         use_chunked_attention(Sub())
+    with pytest.raises(TypeError, match="keras.Model"):
+        use_chunked_attention("not a model")
     with pytest.raises(ValueError, match="max_memory_bytes=0"):
         use_chunked_attention(_encoder(), max_memory_bytes=0)
 

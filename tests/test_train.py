@@ -124,3 +124,42 @@ def test_mixed_precision_fit(policy):
     assert all(v.dtype == "float32" for v in model.lora_variables)
     assert not np.array_equal(b, model.get_layer("mha/query").lora_b.numpy())
     assert np.all(np.isfinite(model.get_layer("mha/query").lora_b.numpy()))
+
+
+def _bn_model():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8, name="query")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+
+
+def test_fit_keeps_frozen_batchnorm_statistics(tmp_path):
+    """Issue 14.2: frozen layers run in inference mode; the adapter round trip is exact."""
+    rng = np.random.default_rng(0)
+    x, y = 3.0 + rng.standard_normal((64, 4)).astype("float32"), rng.standard_normal((64, 2)).astype("float32")
+    base = _bn_model()
+    model = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, target_modules=("query",)))
+    bn = model.get_layer("bn")
+    mean, var = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), var)
+    tf_lora.save_adapter(model, str(tmp_path / "a.adapter"))
+    fresh = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, target_modules=("query",)))
+    tf_lora.load_adapter(fresh, str(tmp_path / "a.adapter"))
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), model.predict(x, verbose=0))
+    # A BatchNormalization in modules_to_save trains fully, statistics included.
+    saved = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, target_modules=("query",), modules_to_save=("bn",)))
+    saved.compile(keras.optimizers.Adam(1e-2), "mse")
+    saved.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert np.max(np.abs(saved.get_layer("bn").moving_mean.numpy() - mean)) > 0.1
+
+
+def test_fit_with_nothing_to_train_raises():
+    """Issue 14.1: a fit that could not move the loss is an error, not a silent no-op."""
+    model = _compiled()
+    x, y = _xy()
+    with tf_lora.disable_adapter(model):
+        with pytest.raises(ValueError, match="nothing to train"):
+            model.fit(x, y, epochs=1, verbose=0)

@@ -26,10 +26,11 @@ from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
 from tf_lora.layers.qlora import QLoRADense, QLoRAEinsumDense
 from tf_lora.memory import memory_report, print_memory_report
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
-from tf_lora.train import LoRAModel
+from tf_lora.train import AdaptedModel, LoRAModel
 
 __all__ = sorted(
     [
+        "AdaptedModel",
         "ChunkedAttention",
         "LoRAConfig",
         "LoRADense",

@@ -1,26 +1,25 @@
-"""`adapt()`: clone a Keras model with adapter layers in place of matched layers.
+"""`adapt()`: put adapter layers in place of the matched layers of any Keras model.
 
-The original model is never modified. Matching walks the whole layer tree
-(nested models, layers inside layers such as MultiHeadAttention's
-projections); replacing uses `keras.models.clone_model` for the layers of the
-model graph and attribute replacement inside the cloned container layers for
-nested ones, because `clone_model`'s `clone_function` never sees those.
+Selection walks the whole layer tree (nested models, layers inside layers such
+as MultiHeadAttention's projections, KerasHub decoder blocks). By default the
+model is copied first (`surgery.copy_model`: object by object, sharing the
+targets' variables, verified on a probe batch) and the copy is adapted; with
+``inplace=True`` the model itself is. Each target is replaced where it stands
+(`_compat.become`), one at a time, so QLoRA quantizes layer by layer and frees
+each float kernel as it goes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+import sys
+from typing import Dict, List, Optional, Tuple
 
 import keras
-from keras import ops
 
+from tf_lora import _compat, surgery
 from tf_lora.config import LoRAConfig, matches
-from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
-
-try:
-    from keras.src.models.functional import Functional
-except ImportError:  # pragma: no cover
-    Functional = keras.Model
+from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer, _einsum_lora_equations
+from tf_lora.surgery import is_graph_model, walk  # noqa: F401  (re-exported)
 
 
 def _qlora_cls(name: str):
@@ -51,43 +50,13 @@ def _dispatch(layer) -> Optional[Tuple[type, type, str]]:
     return None
 
 
-def is_graph_model(layer) -> bool:
-    return isinstance(layer, (keras.Sequential, Functional))
-
-
-def _children(layer) -> List:
-    if is_graph_model(layer):
-        return [l for l in layer.layers if not isinstance(l, keras.layers.InputLayer)]
-    return [l for l in getattr(layer, "_layers", []) if isinstance(l, keras.layers.Layer)]
-
-
-def walk(model) -> Iterator[Tuple[str, "keras.layers.Layer", "keras.layers.Layer"]]:
-    """Yields ``(path, layer, parent)`` for every layer below `model`, depth first.
-
-    Paths join layer names with ``/`` starting below the model itself, e.g.
-    ``"block_0/mha/query"``.
-    """
-    seen = set()
-
-    def _walk(parent, prefix):
-        for child in _children(parent):
-            path = f"{prefix}{child.name}"
-            if (id(parent), id(child)) in seen:
-                continue
-            seen.add((id(parent), id(child)))
-            yield path, child, parent
-            yield from _walk(child, path + "/")
-
-    yield from _walk(model, "")
-
-
 def _describe(layer) -> str:
     return type(layer).__name__
 
 
 def _select(model, config: LoRAConfig) -> Tuple[Dict[str, keras.layers.Layer], List[str]]:
     """Returns ({path: layer} to adapt, [paths of modules_to_save]); validates."""
-    targets, adaptable, saved = {}, [], []
+    targets, adaptable, saved, seen = {}, [], [], set()
     explicit_regex = isinstance(config.target_modules, str) and config.target_modules != "all-linear"
     excluded: List[str] = []  # exclusion and modules_to_save cover a layer's sublayers too
     for path, layer, _ in walk(model):
@@ -112,7 +81,7 @@ def _select(model, config: LoRAConfig) -> Tuple[Dict[str, keras.layers.Layer], L
             continue
         entry = _dispatch(layer)
         if entry is None:
-            leaf = not _children(layer)
+            leaf = not surgery.children(layer)
             if explicit_regex and leaf and layer.weights and matches(config.target_modules, name, path):
                 supported = ", ".join(t.__name__ for t, _, _ in DISPATCH)
                 raise ValueError(
@@ -122,7 +91,8 @@ def _select(model, config: LoRAConfig) -> Tuple[Dict[str, keras.layers.Layer], L
                 )
             continue
         adaptable.append(path)
-        if matches(config.target_modules, name, path):
+        if matches(config.target_modules, name, path) and id(layer) not in seen:
+            seen.add(id(layer))  # a layer reached by two paths is adapted once
             targets[path] = layer
     if not targets:
         raise ValueError(
@@ -162,115 +132,102 @@ def make_adapter(layer, config: LoRAConfig, path: str) -> LoRALayer:
     return lora_cls.from_layer(layer, **kwargs)
 
 
-def replace_sublayer(parent, old, new) -> None:
-    """Points every reference `parent` holds to `old` at `new` instead.
-
-    Keras tracks sublayers in `parent._layers`; attribute assignment on a built
-    layer would append instead of replace, so the tracked list is edited too.
-    """
-    found = False
-    for attr, value in list(vars(parent).items()):
-        if value is old:
-            object.__setattr__(parent, attr, new)
-            found = True
-        elif isinstance(value, list) and not attr.startswith("_tracker"):
-            for i, item in enumerate(value):
-                if item is old:
-                    list.__setitem__(value, i, new)  # bypass Keras' locked tracking
-                    found = found or attr != "_layers"
-        elif isinstance(value, dict):
-            for key, item in list(value.items()):
-                if item is old:
-                    dict.__setitem__(value, key, new)
-                    found = True
-    if not found:
-        raise ValueError(
-            f"Cannot replace layer '{old.name}' inside '{parent.name}' ({_describe(parent)}): "
-            "it is not held in an attribute, a list or a dict of its parent."
-        )
-    tracker = getattr(parent, "_tracker", None)
-    stored = getattr(tracker, "stored_ids", {}).get("layers") if tracker is not None else None
-    if stored is not None:
-        stored.discard(id(old))
-        stored.add(id(new))
 
 
-def _own_variables(layer) -> Dict[str, "keras.Variable"]:
-    own = getattr(layer, "_trainable_variables", None)
-    if own is None:  # pragma: no cover - Keras always has these lists
-        return {}
-    return {v.name: v for v in list(own) + list(layer._non_trainable_variables)}
+def _precheck(layer, path: str, config: LoRAConfig) -> None:
+    """Everything `make_adapter` could refuse, checked before any layer changes."""
+    entry = _dispatch(layer)
+    if entry is None:  # pragma: no cover - _select only returns dispatchable layers
+        raise ValueError(f"Layer '{path}' of type {_describe(layer)} cannot be adapted.")
+    layer_type, lora_cls, qlora_name = entry
+    LoRALayer._check_source(layer, layer_type, layer_type.__name__)
+    if isinstance(layer, keras.layers.EinsumDense):
+        _einsum_lora_equations(layer.equation)
+    if config.quantization is not None and not qlora_name:
+        raise NotImplementedError(f"No QLoRA layer is registered for {_describe(layer)} ('{path}').")
 
 
-def copy_weights(old, new) -> None:
-    """Copies `old`'s weights into the structurally equal (fresh) `new`,
-    pairing sublayers by position (auto-generated names may differ) and
-    variables by name. Where `old` holds an adapter and `new` a plain layer,
-    the plain kernel gets the merged kernel."""
-    source_vars = _own_variables(old)
-    for name, var in _own_variables(new).items():
-        if name == "kernel" and isinstance(old, LoRALayer) and not isinstance(new, LoRALayer):
-            var.assign(old.merged_kernel())
-        elif name in source_vars and tuple(source_vars[name].shape) == tuple(var.shape):
-            var.assign(source_vars[name])
-        else:
-            raise RuntimeError(f"Cloning '{old.name}': cannot copy variable '{new.name}/{name}'.")
-    if isinstance(old, LoRALayer):
-        return  # an adapter's only sublayer is its (stateless) dropout
-    old_children, new_children = _children(old), _children(new)
-    if len(old_children) != len(new_children):
-        raise RuntimeError(f"Cloning '{old.name}' did not reproduce its sublayers.")
-    for o, n in zip(old_children, new_children):
-        copy_weights(o, n)
+def _interactive() -> bool:
+    """In a notebook (a running IPython shell) or a terminal."""
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
+        return True
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
-def clone_with(model, swap: Callable, nested: Dict[str, Callable]) -> keras.Model:
-    """Clones `model`, copying weights; `swap(layer)` may return a replacement
-    for a graph layer (or None), `nested[path](layer)` builds the replacement
-    for a nested layer of the clone."""
-    pairs = []
-
-    def clone_function(layer):
-        new = swap(layer)
-        if new is not None:
-            return new
-        new = layer.__class__.from_config(layer.get_config())
-        pairs.append((layer, new))
-        return new
-
-    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-    for old, new in pairs:
-        copy_weights(old, new)
-    for path, layer, parent in list(walk(clone)):
-        if path in nested and not is_graph_model(parent):
-            replace_sublayer(parent, layer, nested[path](layer))
-    return clone
+def _insert_adapters(targets: Dict[str, keras.layers.Layer], config: LoRAConfig, verbose: int) -> None:
+    """Replaces each target by its adapter where it stands, one layer at a time."""
+    bar = keras.utils.Progbar(len(targets), unit_name="layer") if verbose else None
+    for i, (path, layer) in enumerate(targets.items()):
+        _compat.become(layer, make_adapter(layer, config, path))
+        if bar is not None:
+            bar.update(i + 1)
 
 
-def _model_io(model):
-    inputs = getattr(model, "_inputs_struct", None)
-    outputs = getattr(model, "_outputs_struct", None)
-    if inputs is None or outputs is None:
-        return model.inputs, model.outputs
-    return inputs, outputs
+def _check_rebuildable(model) -> None:
+    try:
+        model.get_config()
+    except Exception as e:  # NotImplementedError for auto-config failures, or the class's own
+        raise TypeError(
+            f"Received an invalid value for `model`: its class {type(model).__name__} cannot be rebuilt "
+            f"from its config (get_config failed: {type(e).__name__}: {e}), so an adapted copy could not "
+            "be saved or loaded. Implement get_config/from_config, or adapt the model itself: "
+            "tf_lora.adapt(model, config, inplace=True)."
+        ) from None
 
 
-def adapt(model: keras.Model, config: Optional[LoRAConfig] = None) -> "keras.Model":
-    """Returns a `tf_lora.LoRAModel` copy of `model` with adapters on matched layers.
+def _copy(model, targets: Dict[str, keras.layers.Layer]):
+    """A verified copy of `model` sharing the targets' weights, and the targets in it."""
+    try:
+        work = surgery.copy_model(model, share=targets.values())
+    except Exception as e:
+        raise TypeError(
+            f"Received an invalid value for `model`: model {model.name!r} of class {type(model).__name__} "
+            f"cannot be copied ({type(e).__name__}: {e}). Adapt it in place instead: "
+            "tf_lora.adapt(model, config, inplace=True)."
+        ) from None
+    surgery.verify_copy(model, work)
+    found = {path: surgery.find(work, path) for path in targets}
+    lost = sorted(p for p, layer in found.items() if layer is None)
+    if lost:  # pragma: no cover - a deep copy keeps names and structure
+        raise RuntimeError(f"The copy of {model.name!r} lost the target layers {lost}.")
+    return work, found
+
+
+def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: bool = False,
+          verbose: Optional[int] = None) -> "keras.Model":
+    """Adds adapters to the matched layers of `model`; returns a model of its class.
+
+    A Functional or Sequential model comes back as a `tf_lora.LoRAModel` (a
+    Functional model with the same layer names, inputs and outputs); any other
+    model (a KerasHub Backbone or Task such as ``GemmaCausalLM``, any subclassed
+    model) as an instance of its own class (``isinstance(result, type(model))``)
+    with the adapters inside, so `generate`, `backbone` and `preprocessor` keep
+    working. Either way ``isinstance(result, tf_lora.AdaptedModel)``, `fit`
+    trains only the adapters and `modules_to_save`, and `.keras` files keep the
+    adapters.
 
     Args:
-        model: A built Functional or Sequential Keras model. It is not modified.
+        model: A built Keras model.
         config: A `tf_lora.LoRAConfig` (default: ``LoRAConfig()``).
+        inplace: False (default): `model` is not modified; the result is a copy
+            (made object by object and verified on a probe batch; only the
+            weights of the replaced layers are not duplicated). True: `model`
+            itself is adapted and returned, layer by layer, holding no second
+            copy of its weights (QLoRA frees each float kernel it quantizes).
+            Its traced functions and optimizer state are dropped.
+        verbose: 1 shows a progress bar over the adapted layers, 0 none;
+            default: 1 in an interactive terminal or notebook.
 
     Returns:
-        A `LoRAModel` with the base model's layer names, inputs and outputs, in
-        which only `lora_` variables and `modules_to_save` are trainable.
+        The adapted model.
 
     Raises:
-        TypeError: `model` is not a Functional/Sequential model, or `config` is
-            not a `LoRAConfig`.
-        ValueError: the model is unbuilt, nothing matches, a matched layer is
-            already adapted or of an unsupported type.
+        TypeError: wrong argument types; a class that cannot be copied or rebuilt
+            from its config (the message says to pass ``inplace=True``).
+        ValueError: an unbuilt model, a Task without a backbone, targets that
+            match nothing (the message lists the adaptable paths), a matched
+            layer already adapted, an unsupported layer type.
 
     Example:
         >>> inputs = keras.Input((8,))
@@ -279,43 +236,62 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None) -> "keras.Mod
         >>> [v.name for v in model.trainable_variables]
         ['lora_a', 'lora_b']
     """
-    from tf_lora.train import LoRAModel
+    from tf_lora.train import AdaptedModel, LoRAModel, make_adapted
 
     config = LoRAConfig() if config is None else config
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"Received an invalid value for `config`, expected a tf_lora.LoRAConfig. Received: config={config!r}")
     if not isinstance(model, keras.Model):
         raise TypeError(f"Received an invalid value for `model`, expected a keras.Model. Received: model={type(model).__name__}")
-    if not is_graph_model(model):
-        raise TypeError(
-            f"Received an invalid value for `model`, expected a Functional or Sequential model "
-            f"(clone_model cannot rebuild a subclassed model's call). Received: model of type "
-            f"{type(model).__name__}. Wrap it: `x = keras.Input(...); keras.Model(x, sub(x))`, "
-            "or adapt layers one by one with LoRADense.from_layer."
-        )
-    if not model.built or not getattr(model, "inputs", None):
+    if not isinstance(inplace, bool):
+        raise TypeError(f"Received an invalid value for `inplace`, expected a bool. Received: inplace={inplace!r}")
+    if verbose is None:
+        verbose = 1 if _interactive() else 0
+    if isinstance(verbose, bool) or verbose not in (0, 1):
+        raise ValueError(f"Received an invalid value for `verbose`, expected None, 0 or 1. Received: verbose={verbose!r}")
+    if not model.built or (is_graph_model(model) and not getattr(model, "inputs", None)):
         raise ValueError(
             f"Received an unbuilt model for `model`, expected a built model (give the first layer "
             f"an input shape or call the model on data). Received: model={model.name!r}"
         )
+    if "backbone" in dir(type(model)) and getattr(model, "backbone", None) is None:
+        raise ValueError(
+            f"Received an invalid value for `model`: the task {model.name!r} ({type(model).__name__}) has no "
+            "backbone, so it has no layers to adapt. Build the task with its backbone."
+        )
+    if inplace and isinstance(model, AdaptedModel):
+        raise ValueError(
+            f"Received inplace=True for model {model.name!r}, which is already adapted. Add another adapter "
+            "with tf_lora.add_adapter, or adapt a copy (inplace=False)."
+        )
     if config.attention == "chunked":
+        if inplace:
+            raise NotImplementedError("Received attention='chunked' with inplace=True; call "
+                                      "tf_lora.use_chunked_attention(model) first, then adapt in place.")
         from tf_lora.convert import use_chunked_attention
 
         model = use_chunked_attention(model, max_memory_bytes=config.max_attention_memory)
     targets, _ = _select(model, config)
-    graph_ids = {}
-    nested = {}
-    for path, layer, parent in walk(model):
-        if path in targets:
-            if is_graph_model(parent):
-                graph_ids[id(layer)] = path
-            else:
-                nested[path] = (lambda p: (lambda new_layer: make_adapter(new_layer, config, p)))(path)
-
-    def swap(layer):
-        path = graph_ids.get(id(layer))
-        return None if path is None else make_adapter(layer, config, path)
-
-    clone = clone_with(model, swap, nested)
-    inputs, outputs = _model_io(clone)
-    return LoRAModel(inputs=inputs, outputs=outputs, name=model.name, lora_config=config)
+    for path, layer in targets.items():
+        _precheck(layer, path, config)
+    graph = type(model) in (_compat.Functional, keras.Sequential) or type(model) is LoRAModel
+    if inplace:
+        work, work_targets = model, targets
+        # Traced functions and a built optimizer hold the float kernels; drop them first
+        # so that each kernel is freed as soon as its layer is replaced.
+        _compat.reset_traced_functions(model)
+        if getattr(model, "optimizer", None) is not None and model.optimizer.built:
+            model.optimizer = surgery.fresh_optimizer(model.optimizer)
+    else:
+        if not graph:
+            _check_rebuildable(model)
+        work, work_targets = _copy(model, targets)
+    _insert_adapters(work_targets, config, verbose)
+    if inplace and isinstance(model, _compat.Functional) and type(model) is _compat.Functional:
+        make_adapted(model, config)  # a plain Functional model becomes a LoRAModel
+        return model
+    if graph and not inplace:
+        inputs, outputs = _compat.model_io(work)
+        return LoRAModel(inputs=inputs, outputs=outputs, name=model.name, lora_config=config)
+    make_adapted(work, config)
+    return work

@@ -19,7 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_lora.adapt import _model_io, clone_with, is_graph_model, walk
+from tf_lora import _compat, surgery
+from tf_lora.surgery import walk
 from tf_lora.config import LoRAConfig, matches
 from tf_lora.layers.lora import LoRALayer
 
@@ -36,7 +37,13 @@ def _check_model(model, name: str = "model") -> None:
 
 
 def _adapter_layers(model) -> List[Tuple[str, LoRALayer]]:
-    return [(path, layer) for path, layer, _ in walk(model) if isinstance(layer, LoRALayer)]
+    """``[(path, layer)]`` of the adapter layers, each once (at its first path)."""
+    seen, found = set(), []
+    for path, layer, _ in walk(model):
+        if isinstance(layer, LoRALayer) and id(layer) not in seen:
+            seen.add(id(layer))
+            found.append((path, layer))
+    return found
 
 
 def _adapter_name(model, adapter_name):
@@ -204,22 +211,35 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
 def merge(model: keras.Model) -> keras.Model:
     """A plain Keras model with every adapter folded into its kernel.
 
-    The result has the same inputs, outputs and layer names, contains only
+    The result has the class of the model `tf_lora.adapt` was given (a
+    `LoRAModel` gives a Functional model, an adapted ``GemmaCausalLM`` a
+    ``GemmaCausalLM``), the same inputs, outputs and layer names, contains only
     Keras layers (Dense / EinsumDense with merged kernels, no tf_lora layers)
-    and gives the same outputs as `model` (within float32 rounding). `model`
-    itself is not changed.
+    and gives the same outputs as `model` (within float32 rounding; a QLoRA
+    base is dequantized). `model` itself is not changed; preprocessors are shared.
 
     Example:
         >>> served = merge(model)                 # doctest: +SKIP
         >>> served.export("serving_dir")          # doctest: +SKIP
     """
+    from tf_lora.train import AdaptedModel, LoRAModel
+
     _check_model(model)
-    if not is_graph_model(model):
-        raise TypeError(f"Received an invalid value for `model`, expected a Functional model. Received: {type(model).__name__}")
-    inputs, outputs = _model_io(model)
-    view = keras.Model(inputs, outputs, name=model.name)  # plain Functional view, shares layers
-    clone = clone_with(view, lambda l: l.to_base_layer() if isinstance(l, LoRALayer) else None, {})
-    return clone
+    adapters = _adapter_layers(model)
+    work = surgery.copy_model(model, share=[layer for _, layer in adapters])
+    in_copy = {path: layer for path, layer, _ in walk(work)}
+    for path, layer in adapters:
+        _compat.become(in_copy[path], layer.to_base_layer())
+    if isinstance(work, LoRAModel):
+        inputs, outputs = _compat.model_io(work)
+        work = keras.Model(inputs, outputs, name=model.name)  # plain Functional over the merged layers
+    elif isinstance(work, AdaptedModel):
+        work.__class__ = type(work)._base_class()
+        for attr in ("_lora_config", "_adapter_configs", "_active_adapter", "_saved_cache"):
+            work.__dict__.pop(attr, None)
+    work.trainable = True  # a plain model: nothing frozen any more
+    _compat.reset_traced_functions(work)
+    return work
 
 
 @dataclasses.dataclass(frozen=True)

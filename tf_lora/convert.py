@@ -1,17 +1,17 @@
-"""Switch a model to chunked attention: a clone with every
+"""Switch a model to chunked attention: a copy with every
 `keras.layers.MultiHeadAttention` replaced by a `ChunkedAttention` with the same
 configuration and weights."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import keras
 
+from tf_lora import _compat, surgery
 from tf_lora.layers.attention import ChunkedAttention
+from tf_lora.layers.base import LoRALayer
 from tf_lora.layers.chunked_op import _check_positive_int
-
-from keras.src.models.functional import Functional  # the class of functional models
 
 __all__ = ["use_chunked_attention"]
 
@@ -23,31 +23,32 @@ def use_chunked_attention(
     key_chunk_size: Optional[int] = None,
     max_memory_bytes: Optional[int] = None,
 ) -> keras.Model:
-    """Returns a clone of `model` that uses `ChunkedAttention`.
+    """Returns a copy of `model` that uses `ChunkedAttention`.
 
     Every layer of type `keras.layers.MultiHeadAttention` (exactly that class:
-    subclasses may change `call` and are left as they are, as are layers that
-    are already `ChunkedAttention`) becomes a `ChunkedAttention` with the same
-    configuration and weights, plus the chunking arguments given here. Nested
-    Functional and Sequential models are cloned recursively. All weights are
-    copied, so the clone gives the same predictions (up to float32 rounding);
-    `model` itself is not changed. The clone is not compiled.
-
-    Attention layers held as attributes of custom (subclassed) layers are not
-    reachable by `keras.models.clone_model` and stay as they are.
+    subclasses such as KerasHub's ``CachedMultiHeadAttention`` change `call` and
+    are left as they are, as are layers that are already `ChunkedAttention`)
+    becomes a `ChunkedAttention` with the same configuration and weights, plus
+    the chunking arguments given here, wherever it sits: in the model graph, in
+    nested models, inside custom blocks (e.g. a KerasHub ``BertBackbone``'s
+    encoder layers). The copy has `model`'s class and gives the same predictions
+    (up to float32 rounding); `model` itself is not changed. Convert before
+    adapting: projections that already hold adapters are refused.
 
     Args:
-        model: A Functional or Sequential model.
+        model: A built Keras model.
         query_chunk_size: See `ChunkedAttention`.
         key_chunk_size: See `ChunkedAttention`.
         max_memory_bytes: See `ChunkedAttention`.
 
     Returns:
-        The converted clone.
+        The converted copy.
 
     Raises:
-        TypeError: `model` is not a Functional or Sequential model.
-        ValueError: invalid chunking arguments.
+        TypeError: `model` is not a Keras model.
+        ValueError: invalid chunking arguments; no MultiHeadAttention in the
+            model (the message names the attention layer classes it has);
+            attention projections that already hold adapters.
 
     Example:
         >>> x = keras.Input((128, 32))
@@ -60,29 +61,32 @@ def use_chunked_attention(
     _check_positive_int("query_chunk_size", query_chunk_size)
     _check_positive_int("key_chunk_size", key_chunk_size)
     _check_positive_int("max_memory_bytes", max_memory_bytes)
-    if not isinstance(model, (keras.Sequential, Functional)):
-        raise TypeError(
-            "Received an invalid value for `model`, expected a Functional or Sequential "
-            f"keras.Model (subclassed models cannot be cloned). Received: model={model!r}"
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Received an invalid value for `model`, expected a keras.Model. Received: model={model!r}")
+    chunking = dict(query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, max_memory_bytes=max_memory_bytes)
+    found, seen, kinds = {}, set(), set()
+    for path, layer, _ in surgery.walk(model):
+        if type(layer) is keras.layers.MultiHeadAttention and id(layer) not in seen:
+            seen.add(id(layer))
+            found[path] = layer
+        elif "attention" in type(layer).__name__.lower():
+            kinds.add(type(layer).__name__)
+    if not found and not any(k == "ChunkedAttention" for k in kinds):
+        raise ValueError(
+            f"Received an invalid value for `model`: {model.name!r} has no keras.layers.MultiHeadAttention "
+            f"to replace (its attention layers: {sorted(kinds) or 'none'}). Classes with their own call "
+            "(a KV cache, rotary embeddings) cannot be swapped for ChunkedAttention."
         )
-    chunking = dict(
-        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, max_memory_bytes=max_memory_bytes
-    )
-    pairs: List[Tuple[keras.layers.Layer, keras.layers.Layer]] = []
-
-    def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if type(layer) is keras.layers.MultiHeadAttention:
-            new = ChunkedAttention.from_config({**layer.get_config(), **chunking})
-        else:
-            new = layer.__class__.from_config(layer.get_config())
-        pairs.append((layer, new))
-        return new
-
-    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-    for old, new in pairs:
-        weights = old.get_weights() if isinstance(old, keras.layers.Layer) else None  # ops have none
-        if weights:
-            if not new.built:  # e.g. a layer of an unbuilt Sequential
-                new.build_from_config(old.get_build_config())
-            new.set_weights(weights)
-    return clone
+    adapted = [p for p, layer in found.items() if any(isinstance(s, LoRALayer) for s in surgery.children(layer))]
+    if adapted:
+        raise ValueError(f"Attention layers {adapted} already hold tf_lora adapters; call use_chunked_attention "
+                         "on the base model, then adapt (or use LoRAConfig(attention='chunked')).")
+    copied = surgery.copy_model(model, share=found.values())
+    in_copy = {path: layer for path, layer, _ in surgery.walk(copied)}
+    for path, layer in found.items():
+        new = ChunkedAttention.from_config({**layer.get_config(), **chunking})
+        new.build_from_config(layer.get_build_config())
+        new.set_weights(layer.get_weights())
+        _compat.become(in_copy[path], new)
+    _compat.reset_traced_functions(copied)
+    return copied

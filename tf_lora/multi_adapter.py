@@ -13,13 +13,13 @@ import contextlib
 from typing import Iterator, Optional
 
 from tf_lora.config import LoRAConfig, matches
-from tf_lora.train import LoRAModel
+from tf_lora.train import AdaptedModel, LoRAModel
 
 
 def _check(model, name: Optional[str] = None, must_exist: bool = True) -> None:
-    if not isinstance(model, LoRAModel):
+    if not isinstance(model, AdaptedModel):
         raise TypeError(
-            f"Received an invalid value for `model`, expected a tf_lora.LoRAModel (from tf_lora.adapt). "
+            f"Received an invalid value for `model`, expected a model returned by tf_lora.adapt. "
             f"Received: model={type(model).__name__}"
         )
     if name is None:

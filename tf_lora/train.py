@@ -1,30 +1,226 @@
-"""`LoRAModel`: a Functional Keras model whose training touches only adapters.
+"""The adapted-model classes and their trainer: training touches only adapters.
 
-Its `train_step` differentiates exactly the variables whose own name starts
-with ``lora_`` plus the variables of `modules_to_save`; every other variable is
-marked non-trainable, so the optimizer builds state for the adapters alone and
-`model.summary()` reports the true trainable count.
+`tf_lora.adapt` returns a model of the input's own class:
+
+- a plain Functional or Sequential model comes back as `LoRAModel`, a
+  Functional model with the base model's layers, names and inputs/outputs;
+- any other model (a KerasHub Backbone or Task such as `GPT2CausalLM`, any
+  subclassed model) comes back as an instance of ``adapted_class(type(model))``,
+  a subclass of its own class that adds the adapter bookkeeping below, so
+  `generate`, `backbone`, `preprocessor` and `summary` keep working and
+  ``isinstance(adapted, type(model))`` holds.
+
+Both share `AdaptedModel`: its `train_step` differentiates exactly the
+active adapter's ``lora_*`` variables plus the variables of `modules_to_save`.
+Every other layer is frozen the Keras way (``layer.trainable = False``, so a
+frozen BatchNormalization runs in inference mode), so the optimizer builds
+state for the adapters alone and `summary()` reports the true trainable count.
+Both record their adapters in their config, so a `.keras` file restores them.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import keras
 import tensorflow as tf
 
+from tf_lora import _compat, surgery
 from tf_lora.config import LoRAConfig, matches
 
 
-def _walk(model):
-    from tf_lora.adapt import walk
+class AdaptedModel:
+    """What every adapted model has on top of its own class (``isinstance(m,
+    tf_lora.AdaptedModel)`` tells whether `m` came from `tf_lora.adapt`).
 
-    return walk(model)
+    State (set by `_init_adapted`, not tracked by Keras): the `LoRAConfig` of
+    the "default" adapter, the configs of added adapters and the active name.
+    """
+
+    # -- state ---------------------------------------------------------------
+    def _init_adapted(self, lora_config=None, adapter_configs=None, active_adapter="default") -> None:
+        if lora_config is None:
+            lora_config = LoRAConfig()
+        elif not isinstance(lora_config, LoRAConfig):
+            lora_config = LoRAConfig.from_dict(lora_config)
+        configs = {n: c if isinstance(c, LoRAConfig) else LoRAConfig.from_dict(c) for n, c in (adapter_configs or {}).items()}
+        object.__setattr__(self, "_lora_config", lora_config)
+        object.__setattr__(self, "_adapter_configs", configs)
+        object.__setattr__(self, "_active_adapter", active_adapter)
+        object.__setattr__(self, "_saved_cache", None)
+        self._freeze()
+        self.reset_compiled_functions()
+
+    @property
+    def lora_config(self) -> LoRAConfig:
+        return self._lora_config
+
+    @property
+    def active_adapter(self):
+        """Name of the adapter the model uses now (`None` inside `disable_adapter`)."""
+        return self._active_adapter
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return ["default", *self._adapter_configs]
+
+    def adapter_config(self, name: str) -> LoRAConfig:
+        """The `LoRAConfig` adapter `name` was created with."""
+        if name == "default":
+            return self._lora_config
+        if name not in self._adapter_configs:
+            raise ValueError(f"Received an invalid value for `adapter_name`, expected one of "
+                             f"{self.adapter_names}. Received: adapter_name={name!r}")
+        return self._adapter_configs[name]
+
+    def adapter_layers(self):
+        """``[(path, layer)]`` of every tf_lora adapter layer in the model (each once)."""
+        from tf_lora.layers.base import LoRALayer
+
+        seen, found = set(), []
+        for path, layer, _ in surgery.walk(self):
+            if isinstance(layer, LoRALayer) and id(layer) not in seen:
+                seen.add(id(layer))
+                found.append((path, layer))
+        return found
+
+    def modules_to_save_layers(self) -> List[keras.layers.Layer]:
+        """The layers trained fully (matched by `modules_to_save`)."""
+        selector = self._lora_config.modules_to_save
+        if not selector:
+            return []
+        return [layer for path, layer, _ in surgery.walk(self) if matches(selector, layer.name, path)]
+
+    def _train_ids(self) -> set:
+        ids = {id(v) for layer in self.modules_to_save_layers() for v in layer.weights}
+        for _, layer in self.adapter_layers():
+            ids.update(id(v) for v in layer.active_variables())
+        return ids
+
+    @property
+    def lora_variables(self) -> List[keras.Variable]:
+        """The variables `fit` updates: the active adapter's `lora_*` variables
+        and those of `modules_to_save`."""
+        train = self._train_ids()
+        return [v for v in self.weights if id(v) in train]
+
+    def _freeze(self) -> None:
+        """Only adapters and `modules_to_save` train; every other layer is frozen
+        (``trainable = False``: inference mode, e.g. BatchNorm statistics stay)."""
+        keep = {id(layer) for _, layer in self.adapter_layers()}
+        keep.update(id(layer) for layer in self.modules_to_save_layers())
+        ancestors, stack = set(), []
+        for path, layer, _ in surgery.walk(self):
+            depth = path.count("/")
+            del stack[depth:]
+            stack.append(layer)
+            if id(layer) in keep:
+                ancestors.update(id(a) for a in stack)
+        self.trainable = True
+        for _, layer, _ in surgery.walk(self):  # parents before children
+            layer.trainable = id(layer) in ancestors
+        train = self._train_ids()
+        for v in self.weights:
+            v.trainable = id(v) in train
+        object.__setattr__(self, "_saved_cache", None)
+
+    def reset_compiled_functions(self) -> None:
+        """Forgets traced train/test/predict/generate functions (the active adapter
+        is a Python-level choice baked into them)."""
+        _compat.reset_traced_functions(self)
+        object.__setattr__(self, "_saved_cache", None)
+
+    # -- training --------------------------------------------------------------
+    def fit(self, *args, **kwargs):
+        if not self.lora_variables:
+            raise ValueError(
+                f"Model {self.name!r} has nothing to train: the active adapter "
+                f"{self.active_adapter!r} has no variables and no modules_to_save matched. "
+                "Call tf_lora.set_adapter(model, name) or adapt with other target_modules."
+            )
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and optimizer.built:
+            known = {id(v) for v in _compat.optimizer_variables(optimizer)}
+            unknown = [v.path for v in self.lora_variables if id(v) not in known]
+            if unknown:
+                raise ValueError(
+                    f"The optimizer was built for other variables than the active adapter's "
+                    f"(e.g. {unknown[:3]}); call model.compile(...) again after add_adapter/set_adapter."
+                )
+        return super().fit(*args, **kwargs)
+
+    def _train_set(self):
+        cached = getattr(self, "_saved_cache", None)
+        if cached is None:
+            cached = _IdSet(self.lora_variables)
+            object.__setattr__(self, "_saved_cache", cached)
+        return cached
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = [v for v in self.trainable_variables if v in self._train_set()]
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            self._loss_tracker.update_state(
+                _compat.unscale_loss(loss),
+                sample_weight=tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0],
+            )
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # -- layers by path, serialization -------------------------------------
+    def get_layer(self, name=None, index=None):
+        """Like `keras.Model.get_layer`, and also finds nested layers by path
+        (``model.get_layer("mha/query")``)."""
+        if name is not None and "/" in name:
+            layer = surgery.find(self, name)
+            if layer is not None:
+                return layer
+        return super().get_layer(name=name, index=index)
+
+    def _adapter_layer_configs(self, nested_only: bool) -> Dict[str, dict]:
+        from tf_lora.layers.base import LoRALayer
+
+        return {
+            path: keras.saving.serialize_keras_object(layer)
+            for path, layer, parent in surgery.walk(self)
+            if isinstance(layer, LoRALayer) and not (nested_only and surgery.is_graph_model(parent))
+        }
+
+    def _restore_adapters(self, configs: Dict[str, dict]) -> None:
+        """Re-creates adapter layers at their paths (the model's own config only
+        describes plain layers there); Keras loads their weights afterwards."""
+        from tf_lora.layers.base import LoRALayer
+
+        found = {path: layer for path, layer, _ in surgery.walk(self)}
+        missing = sorted(set(configs) - set(found))
+        if missing:
+            raise ValueError(f"Cannot restore adapters {missing}: no such layers in model {self.name!r}.")
+        for path, layer_config in configs.items():
+            layer = found[path]
+            if isinstance(layer, LoRALayer):
+                continue
+            adapter = keras.saving.deserialize_keras_object(layer_config)
+            if not adapter.built:
+                adapter.build_like(layer)
+            _compat.become(layer, adapter)
+
+    def _adapted_state_config(self, nested_only: bool) -> dict:
+        return {
+            "lora_config": self._lora_config.to_dict(),
+            "nested_adapters": self._adapter_layer_configs(nested_only),
+            "adapter_configs": {n: c.to_dict() for n, c in self._adapter_configs.items()},
+            "active_adapter": self._active_adapter,
+        }
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
-class LoRAModel(keras.Model):
-    """The model `tf_lora.adapt` returns; use it like any Keras model.
+class LoRAModel(AdaptedModel, _compat.Functional):
+    """The model `tf_lora.adapt` returns for a Functional or Sequential model.
 
     Args:
         inputs, outputs: As for a Functional `keras.Model`.
@@ -38,165 +234,78 @@ class LoRAModel(keras.Model):
     # The signature must stay Functional's (inputs, outputs, name, **kwargs) so
     # Keras serializes this class as a Functional model.
     def __init__(self, inputs, outputs, name=None, **kwargs):
-        lora_config = kwargs.pop("lora_config", None)
-        nested_adapters = kwargs.pop("nested_adapters", None)
-        adapter_configs = kwargs.pop("adapter_configs", None) or {}
-        active_adapter = kwargs.pop("active_adapter", "default")
+        state = {k: kwargs.pop(k, None) for k in ("lora_config", "nested_adapters", "adapter_configs", "active_adapter")}
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
-        if nested_adapters:
-            self._restore_nested_adapters(nested_adapters)
-        if lora_config is None:
-            lora_config = LoRAConfig()
-        elif not isinstance(lora_config, LoRAConfig):
-            lora_config = LoRAConfig.from_dict(lora_config)
-        self._lora_config = lora_config
-        # Configs of adapters added with tf_lora.add_adapter (plain dict, not tracked).
-        object.__setattr__(self, "_adapter_configs", {
-            name: c if isinstance(c, LoRAConfig) else LoRAConfig.from_dict(c) for name, c in adapter_configs.items()
-        })
-        object.__setattr__(self, "_active_adapter", active_adapter)
-        self._freeze()
-
-    @property
-    def active_adapter(self):
-        """Name of the adapter the model uses now (`None` inside `disable_adapter`)."""
-        return self._active_adapter
-
-    def adapter_config(self, name: str) -> LoRAConfig:
-        """The `LoRAConfig` adapter `name` was created with."""
-        if name == "default":
-            return self._lora_config
-        if name not in self._adapter_configs:
-            raise ValueError(f"Received an invalid value for `adapter_name`, expected one of "
-                             f"{['default', *self._adapter_configs]}. Received: adapter_name={name!r}")
-        return self._adapter_configs[name]
-
-    @property
-    def adapter_names(self) -> List[str]:
-        return ["default", *self._adapter_configs]
-
-    def adapter_layers(self):
-        """``[(path, layer)]`` of every tf_lora adapter layer in the model."""
-        from tf_lora.layers.lora import LoRALayer
-
-        return [(p, l) for p, l, _ in _walk(self) if isinstance(l, LoRALayer)]
-
-    def _train_ids(self) -> set:
-        ids = {id(v) for layer in self.modules_to_save_layers() for v in layer.weights}
-        for _, layer in self.adapter_layers():
-            ids.update(id(v) for v in layer.active_variables())
-        return ids
-
-    def reset_compiled_functions(self) -> None:
-        """Forgets traced train/test/predict functions (the active adapter is a
-        Python-level choice baked into them)."""
-        self.train_function = self.test_function = self.predict_function = None
-        object.__setattr__(self, "_saved_cache", None)
-
-    def fit(self, *args, **kwargs):
-        optimizer = getattr(self, "optimizer", None)
-        if optimizer is not None and optimizer.built:
-            known = {id(v) for v in optimizer._trainable_variables}
-            unknown = [v.path for v in self.lora_variables if id(v) not in known]
-            if unknown:
-                raise ValueError(
-                    f"The optimizer was built for other variables than the active adapter's "
-                    f"(e.g. {unknown[:3]}); call model.compile(...) again after add_adapter/set_adapter."
-                )
-        return super().fit(*args, **kwargs)
-
-    @property
-    def lora_config(self) -> LoRAConfig:
-        return self._lora_config
-
-    def modules_to_save_layers(self) -> List[keras.layers.Layer]:
-        """The layers trained fully (matched by `modules_to_save`)."""
-        selector = self._lora_config.modules_to_save
-        if not selector:
-            return []
-        return [layer for path, layer, _ in _walk(self) if matches(selector, layer.name, path)]
-
-    def _freeze(self) -> None:
-        train = self._train_ids()
-        for v in self.weights:
-            v.trainable = id(v) in train
-
-    @property
-    def lora_variables(self) -> List[keras.Variable]:
-        """The variables `fit` updates: the active adapter's `lora_*` variables
-        and those of `modules_to_save`."""
-        train = self._train_ids()
-        return [v for v in self.weights if id(v) in train]
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = [v for v in self.trainable_variables if v in self._train_set()]
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            self._loss_tracker.update_state(
-                _unscale(loss),
-                sample_weight=tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0],
-            )
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
-        if variables:
-            grads = tape.gradient(loss, variables)
-            self.optimizer.apply_gradients(zip(grads, variables))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    def _train_set(self):
-        cached = getattr(self, "_saved_cache", None)
-        if cached is None:
-            cached = _IdSet(v for v in self.lora_variables)
-            object.__setattr__(self, "_saved_cache", cached)
-        return cached
-
-    def get_layer(self, name=None, index=None):
-        """Like `keras.Model.get_layer`, and also finds nested layers by path
-        (``model.get_layer("mha/query")``)."""
-        if name is not None and "/" in name:
-            for path, layer, _ in _walk(self):
-                if path == name:
-                    return layer
-        return super().get_layer(name=name, index=index)
-
-    def _nested_adapters(self) -> dict:
-        from tf_lora.adapt import is_graph_model
-        from tf_lora.layers.lora import LoRALayer
-
-        return {
-            path: keras.saving.serialize_keras_object(layer)
-            for path, layer, parent in _walk(self)
-            if isinstance(layer, LoRALayer) and not is_graph_model(parent)
-        }
-
-    def _restore_nested_adapters(self, nested: dict) -> None:
-        """Re-creates adapters inside container layers (e.g. MultiHeadAttention),
-        whose own configs only describe plain projections; weights are loaded
-        afterwards by Keras."""
-        from tf_lora.adapt import replace_sublayer
-        from tf_lora.layers.lora import LoRALayer
-
-        found = {path: (layer, parent) for path, layer, parent in _walk(self)}
-        for path, layer_config in nested.items():
-            if path not in found:
-                raise ValueError(f"Cannot restore adapter '{path}': no such layer in the model.")
-            layer, parent = found[path]
-            if isinstance(layer, LoRALayer):
-                continue
-            adapter = keras.saving.deserialize_keras_object(layer_config)
-            if not adapter.built:
-                adapter.build_like(layer)
-            replace_sublayer(parent, layer, adapter)
+        if state["nested_adapters"]:
+            self._restore_adapters(state["nested_adapters"])
+        self._init_adapted(state["lora_config"], state["adapter_configs"], state["active_adapter"] or "default")
 
     def get_config(self):
-        config = super().get_config()
-        config["lora_config"] = self._lora_config.to_dict()
-        config["nested_adapters"] = self._nested_adapters()
-        config["adapter_configs"] = {n: c.to_dict() for n, c in self._adapter_configs.items()}
-        config["active_adapter"] = self._active_adapter
-        return config
+        return {**super().get_config(), **self._adapted_state_config(nested_only=True)}
+
+
+class _AdaptedSubclassMixin(AdaptedModel):
+    """Serialization of ``adapted_class(cls)``: the base class's own config plus
+    the adapters, under one registered name, so `keras.models.load_model`
+    restores the adapters in a fresh process (after ``import tf_lora``)."""
+
+    @classmethod
+    def _base_class(cls) -> type:
+        return next(c for c in cls.__mro__ if not issubclass(c, AdaptedModel))
+
+    def get_config(self):
+        base = self._base_class()
+        return {
+            "base_model": {
+                "module": base.__module__,
+                "class_name": base.__name__,
+                "registered_name": keras.saving.get_registered_name(base),
+                "config": base.get_config(self),
+            },
+            "tf_lora": self._adapted_state_config(nested_only=False),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        model = keras.saving.deserialize_keras_object(config["base_model"], custom_objects=custom_objects)
+        state = dict(config["tf_lora"])
+        model.__class__ = adapted_class(type(model))
+        model._restore_adapters(state.pop("nested_adapters"))
+        model._init_adapted(**state)
+        return model
+
+
+@keras.saving.register_keras_serializable(package="tf_lora", name="AdaptedModel")
+class _StandIn(_AdaptedSubclassMixin, keras.Model):
+    """Holds the registered name every ``adapted_class(cls)`` serializes under; its
+    `from_config` rebuilds the right class from the saved base class."""
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def adapted_class(base: type) -> type:
+    """The subclass of `base` that `tf_lora.adapt` gives models of class `base`."""
+    if issubclass(base, AdaptedModel):
+        return base
+    if base is _compat.Functional:
+        return LoRAModel
+    if base not in _CLASSES:
+        cls = type(base.__name__, (_AdaptedSubclassMixin, base), {
+            "__module__": __name__,
+            "__qualname__": f"adapted_class({base.__qualname__})",
+            "__doc__": f"{base.__name__} with tf_lora adapters (see tf_lora.adapt).",
+        })
+        keras.saving.register_keras_serializable(package="tf_lora", name="AdaptedModel")(cls)
+        keras.saving.register_keras_serializable(package="tf_lora", name="AdaptedModel")(_StandIn)
+        _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def make_adapted(model, lora_config: LoRAConfig) -> None:
+    """Turns `model` (whose layers already hold adapters) into its adapted class."""
+    model.__class__ = adapted_class(type(model))
+    model._init_adapted(lora_config)
 
 
 class _IdSet:
@@ -207,12 +316,3 @@ class _IdSet:
 
     def __contains__(self, item):
         return id(item) in self._ids
-
-
-def _unscale(loss):
-    try:
-        from keras.src.losses import loss as loss_module
-
-        return loss_module.unscale_loss_for_distribution(loss)
-    except (ImportError, AttributeError):  # pragma: no cover
-        return loss

@@ -1,0 +1,164 @@
+"""Every use of a private Keras API, in one place, one function per need.
+
+Keras offers no public way to do these few things (list a layer's own
+variables or sublayers, edit tracked state after `build`, analyse an
+EinsumDense equation, find a model's nested input structure). Each function
+below wraps one of them, so that a Keras upgrade is a change to this file
+only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List
+
+import keras
+
+try:  # the class of Functional models (Keras >= 3.0)
+    from keras.src.models.functional import Functional
+except ImportError:  # pragma: no cover
+    Functional = keras.Model
+
+try:  # the base of every Keras object that pickles itself through a `.keras` file
+    from keras.src.saving.keras_saveable import KerasSaveable
+except ImportError:  # pragma: no cover
+    KerasSaveable = keras.layers.Layer
+
+try:
+    from keras.src.layers.core.einsum_dense import _analyze_einsum_string as _keras_analyze_einsum
+except ImportError:  # pragma: no cover
+    _keras_analyze_einsum = None
+
+
+def analyze_einsum(equation: str, bias_axes, input_shape, output_shape):
+    """``(kernel_shape, bias_shape, full_output_shape)`` as EinsumDense computes them.
+
+    Keras 3.5-3.7 return those three values; newer versions add two more.
+    """
+    result = _keras_analyze_einsum(equation, bias_axes, input_shape, output_shape)
+    return tuple(result[:3])
+
+
+def own_variables(layer) -> List["keras.Variable"]:
+    """The variables a layer created itself (not those of its sublayers)."""
+    return list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", []))
+
+
+def child_layers(layer) -> List["keras.layers.Layer"]:
+    """The sublayers Keras tracks on a (non-graph) layer, in tracking order."""
+    return [child for child in getattr(layer, "_layers", []) if isinstance(child, keras.layers.Layer)]
+
+
+@contextlib.contextmanager
+def unlocked(layer) -> Iterator[None]:
+    """Lets a built layer create or drop variables (Keras locks tracking after build)."""
+    tracker = getattr(layer, "_tracker", None)
+    locked = tracker is not None and tracker.locked
+    if locked:
+        tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()
+
+
+def untrack_variable(layer, variable) -> None:
+    layer._untrack_variable(variable)
+
+
+def model_io(model):
+    """A Functional model's inputs and outputs with their nested (dict) structure."""
+    inputs = getattr(model, "_inputs_struct", None)
+    outputs = getattr(model, "_outputs_struct", None)
+    if inputs is None or outputs is None:
+        return model.inputs, model.outputs
+    return inputs, outputs
+
+
+def built_input_shapes(model):
+    """The input shapes a subclassed model was built with (``None`` if unknown)."""
+    shapes = getattr(model, "_build_shapes_dict", None)
+    return dict(shapes) if shapes else None
+
+
+# Attributes of a layer that are not its own state but its place in a model graph:
+# they stay with the object when `become` replaces everything else.
+_GRAPH_STATE = ("_inbound_nodes", "_outbound_nodes", "_build_shapes_dict")
+
+
+def become(old, new) -> None:
+    """Turns the object `old` into `new` in place: same identity, `new`'s class and state.
+
+    Every reference to `old` anywhere (parent attributes, tracked sublayer lists,
+    TensorFlow checkpoint dependencies, Functional graph nodes) now sees the new
+    layer, without finding or editing any of them. `old`'s own state (its
+    variables included) is dropped, so memory held only by it is freed; its place
+    in the model graph (inbound/outbound nodes, build shapes) is kept. `new`
+    must not be used afterwards.
+    """
+    graph_state = {k: old.__dict__[k] for k in _GRAPH_STATE if k in old.__dict__}
+    state = dict(new.__dict__)
+    new.__dict__.clear()
+    old.__dict__.clear()
+    old.__dict__.update(state)
+    old.__dict__.update(graph_state)
+    old.__class__ = type(new)
+
+
+# Traced functions a model caches; they capture variables and the Python-level
+# adapter choice, so they are dropped whenever the adapters change.
+TRACED_FUNCTIONS = ("train_function", "test_function", "predict_function", "generate_function")
+
+
+def reset_traced_functions(model) -> None:
+    for name in TRACED_FUNCTIONS:
+        if getattr(model, name, None) is not None:
+            object.__setattr__(model, name, None)
+
+
+def optimizer_variables(optimizer) -> List["keras.Variable"]:
+    """The model variables a built optimizer holds state for."""
+    return list(getattr(optimizer, "_trainable_variables", []))
+
+
+def unscale_loss(loss):
+    """The loss as reported (Keras scales it by 1/replicas for distribution)."""
+    try:
+        from keras.src.losses import loss as loss_module
+
+        return loss_module.unscale_loss_for_distribution(loss)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return loss
+
+
+def is_framework_tensor(obj) -> bool:
+    """A TensorFlow tensor or variable (copied by its own deepcopy, not traversed)."""
+    import tensorflow as tf
+
+    return isinstance(obj, (tf.Tensor, tf.Variable))
+
+
+def remap_tracked_ids(obj, memo) -> None:
+    """A copied layer's tracker remembers the ids of the objects it tracks; point
+    them at the copies (`memo` maps an original's id to its copy)."""
+    tracker = obj.__dict__.get("_tracker")
+    stored = getattr(tracker, "stored_ids", None)
+    if isinstance(stored, dict):
+        for key, ids in stored.items():
+            stored[key] = {id(memo[i]) if i in memo else i for i in ids}
+
+
+def copy_variable(variable) -> "keras.Variable":
+    """A new variable with `variable`'s value and settings, created the normal way
+    (so inside a `tf.distribute` strategy scope it is a distributed variable)."""
+    new = keras.Variable(
+        initializer=keras.ops.convert_to_tensor(variable), dtype=variable.dtype, trainable=variable.trainable,
+        autocast=getattr(variable, "_autocast", True), aggregation=variable.aggregation,
+        synchronization=getattr(variable, "synchronization", "auto"), name=variable.name,
+    )
+    new._path = variable.path  # keep the layer-scoped path ("query/kernel")
+    for attr in ("_regularizer", "_constraint", "_overwrite_with_gradient"):
+        if attr in variable.__dict__:
+            setattr(new, attr, variable.__dict__[attr])
+    return new
