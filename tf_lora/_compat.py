@@ -139,6 +139,15 @@ def is_framework_tensor(obj) -> bool:
     return isinstance(obj, (tf.Tensor, tf.Variable))
 
 
+def is_traced_function(obj) -> bool:
+    """A `tf.function` (or one of its concrete functions / graphs): a cache that
+    captures the variables it was traced with, never copied."""
+    import tensorflow as tf
+
+    kinds = (tf.types.experimental.PolymorphicFunction, tf.types.experimental.ConcreteFunction)
+    return isinstance(obj, kinds) or type(obj).__name__ == "FuncGraph"
+
+
 def remap_tracked_ids(obj, memo) -> None:
     """A copied layer's tracker remembers the ids of the objects it tracks; point
     them at the copies (`memo` maps an original's id to its copy)."""

@@ -56,7 +56,8 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     if config.modules_to_save:
         raise NotImplementedError("Received `modules_to_save` for an added adapter: modules_to_save are shared by all "
                                   "adapters of a model; set them in tf_lora.adapt.")
-    if config.quantization != model.lora_config.quantization or config.attention is not None:
+    shared_base = config.quantization is None or config.quantization == model.lora_config.quantization
+    if not shared_base or config.attention is not None:
         raise ValueError("Received `quantization`/`attention` for an added adapter: they describe the shared base "
                          "model; leave them unset (None) or equal to the model's.")
     targets = []

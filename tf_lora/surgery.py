@@ -116,6 +116,9 @@ def _reachable(root, memo: Dict[int, object]) -> List[object]:
         if isinstance(obj, _SHARED):
             memo[id(obj)] = obj
             continue
+        if _compat.is_traced_function(obj):
+            memo[id(obj)] = None  # a cache: the copy traces its own
+            continue
         if _compat.is_framework_tensor(obj):
             continue
         if _needs_shell(obj):
