@@ -78,6 +78,21 @@ def test_interrupted_save_keeps_previous_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.adapter"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_adapter_file_mode_respects_umask(tmp_path, umask):
+    # Like any file the process writes (open(), model.save): 0o666 & ~umask, not mkstemp's 0600.
+    model = _trained()
+    path = tmp_path / "a.adapter"
+    previous = os.umask(umask)
+    try:
+        tf_lora.save_adapter(model, str(path))
+        tf_lora.save_adapter(model, str(path))  # replacing an existing file too
+    finally:
+        os.umask(previous)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask)
+    assert sorted(os.listdir(tmp_path)) == ["a.adapter"]
+
+
 @pytest.mark.parametrize(
     "case",
     ["different_rank", "different_architecture", "truncated", "corrupted", "missing", "not_an_adapter"],

@@ -75,7 +75,25 @@ def adapter_state(model, adapter_name: Optional[str] = None) -> Dict[str, keras.
     return state
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows it (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once (a brief, conservative window)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, data: bytes) -> None:
+    """Writes `data` to `path` atomically: a temporary file in the same folder,
+    fsynced, then renamed over `path`. A failure leaves any previous file intact
+    and no temporary file behind. The file gets the mode any file the process
+    creates gets (``0o666 & ~umask``), not `mkstemp`'s private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".adapter", dir=folder)
     try:
@@ -83,6 +101,7 @@ def _atomic_write(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
