@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import tf_lora
 from harness import run_layer_test
-from models import mha_classifier
+from models import WEIGHT_OPTIONS, mha_classifier, reference_losses, regularized_model, total_loss
 from tf_lora import nf4
 from tf_lora.adapt import walk
 from tf_lora.layers.lora import LoRALayer
@@ -383,3 +383,35 @@ def test_bad_layer_arguments():
         QLoRAEinsumDense("ab,bc->ac", (4,), quantization={"bits": 8})
     with pytest.raises(ValueError, match="group_size"):
         tf_lora.adapt(mha_classifier(), tf_lora.LoRAConfig(quantization=tf_lora.QLoRAConfig(group_size=0)))
+
+
+@pytest.mark.parametrize("fake_quant", [False, True], ids=["nf4_storage", "fake_quant"])
+def test_regularizers_and_constraints_are_kept(fake_quant, tmp_path):
+    base = regularized_model()
+    model = tf_lora.adapt(base, tf_lora.LoRAConfig(
+        rank=2, dropout=0.0, target_modules=("query", "value"),
+        quantization=tf_lora.QLoRAConfig(group_size=16, fake_quant=fake_quant)))
+    assert {type(model.get_layer(n)) for n in ("query", "value")} == set(QLORA)
+    x, y = _rand(8, 5, seed=1), _rand(8, 2, seed=2)
+    # Reference: the regularizers see the kernels the layers compute with (dequantized NF4).
+    kernels = [_f64(nf4.dequantize(nf4.quantize(base.get_layer(n).kernel.numpy(), 16))) for n in ("query", "value")]
+    biases = [_f64(base.get_layer(n).bias.numpy()) for n in ("query", "value")]
+    for name in ("query", "value"):
+        for key in WEIGHT_OPTIONS:
+            assert model.get_layer(name).get_config()[key] == base.get_layer(name).get_config()[key], (name, key)
+    merged = tf_lora.merge(model)
+    for m in (model, merged):
+        np.testing.assert_allclose(total_loss(m, x), reference_losses(kernels, biases, x), rtol=1e-6)
+    for name in ("query", "value"):
+        for key in WEIGHT_OPTIONS:
+            assert merged.get_layer(name).get_config()[key] == base.get_layer(name).get_config()[key], (name, key)
+    # Against the float base model only NF4's quantization error remains (about 1% here).
+    np.testing.assert_allclose(total_loss(model, x), total_loss(base, x), rtol=5e-2)
+    evaluated = []
+    for m in (tf_lora.adapt(base, model.lora_config), tf_lora.merge(model)):
+        m.compile(loss="mse")
+        evaluated.append(m.evaluate(x, y, verbose=0))
+    np.testing.assert_allclose(evaluated[0], evaluated[1], rtol=1e-5)
+    path = str(tmp_path / "qlora_regularized.keras")
+    model.save(path)
+    np.testing.assert_allclose(total_loss(keras.models.load_model(path), x), total_loss(model, x), rtol=1e-6)

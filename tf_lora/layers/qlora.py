@@ -92,7 +92,7 @@ class _NF4Base:
         if self.fake_quant:
             self.kernel = self.add_weight(
                 name="kernel", shape=self.kernel_shape, initializer=self.kernel_initializer,
-                trainable=False, autocast=False,
+                constraint=self.kernel_constraint, trainable=False, autocast=False,
             )
             return
         n, cfg = math.prod(self.kernel_shape), self.quantization
@@ -158,6 +158,16 @@ class _NF4Base:
                 kernel = nf4.fake_quant(kernel, self.quantization.group_size, self.quantization.double_quant)
             return tf.cast(kernel, dtype), False
         return tf.stop_gradient(tf.cast(self._dequantize(), dtype)), True
+
+    def _regularized_kernel(self) -> tf.Tensor:
+        """The base kernel the layer computes with, float32 in Keras layout (dequantized)."""
+        if self.fake_quant:
+            kernel = tf.convert_to_tensor(self.kernel)
+            if not self.merged:
+                kernel = nf4.fake_quant(kernel, self.quantization.group_size, self.quantization.double_quant)
+            return kernel
+        torch_layout = self._dequantize()
+        return tf.transpose(torch_layout, [*range(1, len(self.kernel_shape)), 0])
 
     def _cast_in(self, inputs):
         return tf.cast(inputs, self.base_compute_dtype)
@@ -268,10 +278,11 @@ class QLoRADense(_NF4Base, LoRADense):
         )
 
     def to_base_layer(self) -> keras.layers.Dense:
-        """A plain built `keras.layers.Dense` with the dequantized kernel plus the LoRA update."""
+        """A plain built `keras.layers.Dense` with the dequantized kernel plus the LoRA
+        update, and this layer's regularizers and constraints."""
         dense = keras.layers.Dense(
             self.units, activation=self.activation, use_bias=self.use_bias,
-            name=self.name, dtype=self.dtype_policy,
+            name=self.name, dtype=self.dtype_policy, **self._weight_options(),
         )
         dense.build((None, self.kernel_shape[0]))
         dense.kernel.assign(self.merged_kernel())
