@@ -415,3 +415,36 @@ def test_regularizers_and_constraints_are_kept(fake_quant, tmp_path):
     path = str(tmp_path / "qlora_regularized.keras")
     model.save(path)
     np.testing.assert_allclose(total_loss(keras.models.load_model(path), x), total_loss(model, x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "no_double_quant"])
+def test_unmerge_fake_quant_bound(double_quant):
+    # Pins the documented behaviour of QLoRA unmerge (and LoRALayer.unmerge's pointer to it).
+    group_size = 4  # 70 * 40 / 4 = 700 groups: three blocks of 256 scales with double quantization
+    base = _dense(40, 70)
+    cfg = tf_lora.QLoRAConfig(fake_quant=True, group_size=group_size, double_quant=double_quant)
+    layer = QLoRADense.from_layer(base, quantization=cfg, rank=3, alpha=6)
+    _randomize_adapters(layer)
+    layer.lora_b.assign(layer.lora_b.numpy() * 0.1)
+    x = _rand(4, 70, seed=5)
+    before, effective = np.asarray(layer(x)), layer.base_kernel_value()
+    layer.merge()
+    layer.unmerge()
+    # The float kernel is now fake_quant(W) (the values the layer computed with), not W.
+    np.testing.assert_allclose(layer.kernel.numpy(), effective, rtol=1e-6, atol=1e-6)
+    moved = np.abs(np.moveaxis(layer.base_kernel_value() - effective, -1, 0).reshape(-1))
+    if not double_quant:  # NF4 alone is idempotent: exact up to float32 rounding.
+        assert moved.max() <= 1e-6
+        np.testing.assert_allclose(np.asarray(layer(x)), before, rtol=RTOL, atol=RTOL)
+        return
+    # Double quantization is not idempotent: each element moves by at most half a step of
+    # the 8-bit scale code times its block's nested scale (NumPy from the second quantization).
+    q = nf4.quantize(effective, group_size, double_quant=True)
+    group = np.arange(moved.size) // group_size
+    bound = 0.5 * np.diff(np.asarray(nf4.DYNAMIC_MAP)).max() * q.nested_scale[group // nf4.NESTED_GROUP_SIZE]
+    assert np.all(moved <= bound * (1 + 1e-5) + 1e-7)
+    assert moved.max() > 1e-5  # not exact: the documented behaviour, not a rounding effect
+    after = np.asarray(layer(x))
+    assert np.abs(after - before).max() > 1e-5
+    kernel_bound = np.moveaxis(bound.reshape(40, 70), 0, -1)  # back to Keras layout (in, out)
+    assert np.all(np.abs(after - before) <= np.abs(_f64(x)) @ kernel_bound + 1e-5)

@@ -253,7 +253,14 @@ class LoRALayer(keras.layers.Layer):
         self.merged = True
 
     def unmerge(self) -> None:
-        """Takes the LoRA update out of the kernel again (exact up to rounding)."""
+        """Takes the LoRA update out of the kernel again: ``kernel - scaling * lora_a @ lora_b``.
+
+        For a float kernel this restores it, and the outputs, up to float32
+        rounding (the subtraction is not bit-exact). A layer whose forward pass
+        transforms its stored kernel states its own bound: for fake-quant
+        `QLoRADense` / `QLoRAEinsumDense` with double quantization merge ->
+        unmerge is not exact (see their `unmerge`).
+        """
         if not self.merged:
             raise ValueError(f"Layer '{self.name}' is not merged; nothing to unmerge.")
         self.kernel.assign(self.base_kernel_value() - self.lora_delta())

@@ -219,7 +219,8 @@ class _NF4Base:
         """Folds the LoRA update into the kernel: only in `fake_quant` mode.
 
         The merged kernel is ``fake_quant(kernel) + scaling * lora_a @ lora_b`` and is used
-        as is (not quantized again); `unmerge` leaves the fake-quantized kernel.
+        as is (not quantized again); `unmerge` leaves the fake-quantized kernel, which with
+        double quantization does not give the pre-merge outputs exactly (see `unmerge`).
 
         Raises:
             NotImplementedError: with 4-bit storage; use `tf_lora.merge(model)` instead.
@@ -228,7 +229,23 @@ class _NF4Base:
         super().merge()
 
     def unmerge(self) -> None:
-        """Takes the LoRA update out of a merged `fake_quant` kernel."""
+        """Takes the LoRA update out of a merged `fake_quant` kernel; exact only without double quantization.
+
+        The float kernel afterwards is ``fake_quant(W)`` (up to float32 rounding), not
+        the original `W`, and the forward pass fake-quantizes it again. Without double
+        quantization NF4 is idempotent, so the outputs are restored up to float32
+        rounding. With it (the default) they are not: the group scales are quantized
+        to 8 bits a second time, around a new mean, so each element of the kernel the
+        layer computes with moves by at most half a step of the 8-bit scale code,
+        ``0.5 * max(diff(nf4.DYNAMIC_MAP)) * nested_scale`` (about 0.007 times the
+        nested scale of its block of 256 groups), per merge/unmerge cycle. That is a
+        worst case; typically the move is ~1e-4 of the group's scale, but it repeats
+        in the same direction, so cycles accumulate. To switch adapters without this
+        drift, do not merge in place; use `tf_lora.merge(model)` for a merged copy.
+
+        Raises:
+            NotImplementedError: with 4-bit storage (nothing to unmerge).
+        """
         self._no_merge("unmerge")
         super().unmerge()
 
