@@ -1,6 +1,7 @@
 """Small models used across the tests: Functional with MultiHeadAttention,
-Sequential, a nested model, and a KerasHub-like Functional subclass with dict
-inputs and attention projections nested in a custom block."""
+Sequential, a nested model, a KerasHub-like Functional subclass with dict
+inputs and attention projections nested in a custom block, and a model whose
+layers carry regularizers and constraints (with its NumPy loss reference)."""
 
 import keras
 import numpy as np
@@ -92,3 +93,34 @@ def data(model, n=16, seed=0):
     shapes = [tuple(t.shape[1:]) for t in model.inputs]
     xs = [rng.standard_normal((n,) + s).astype("float32") for s in shapes]
     return xs[0] if len(xs) == 1 else xs
+
+
+WEIGHT_OPTIONS = ("kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint", "bias_constraint")
+
+
+def regularized_model():
+    """Dense -> EinsumDense -> Dense head; the first two carry every regularizer and constraint."""
+    opts = dict(kernel_regularizer=keras.regularizers.L2(0.1), bias_regularizer=keras.regularizers.L1(0.05),
+                activity_regularizer=keras.regularizers.L2(1.0), kernel_constraint=keras.constraints.MaxNorm(2.0),
+                bias_constraint=keras.constraints.NonNeg(), bias_initializer="ones")
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(6, name="query", **opts)(inputs)
+    h = keras.layers.EinsumDense("ab,bc->ac", (4,), bias_axes="c", name="value", **opts)(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="regularized")
+
+
+def total_loss(model, x):
+    """Sum of `model.losses` after calling it on `x`, float64."""
+    model(x)
+    return float(sum(np.asarray(loss, np.float64) for loss in model.losses))
+
+
+def reference_losses(kernels, biases, x, effective_kernels=None):
+    """NumPy: L2(0.1) of the kernels, L1(0.05) of the biases, L2(1.0) of each
+    layer's output divided by the batch size (Keras' activity regularizer)."""
+    total, h = 0.0, np.asarray(x, np.float64)
+    for w, b, k in zip(kernels, biases, effective_kernels or kernels):
+        total += 0.1 * np.sum(np.square(w, dtype=np.float64)) + 0.05 * np.sum(np.abs(b))
+        h = h @ k + b
+        total += np.sum(h ** 2) / len(x)
+    return total

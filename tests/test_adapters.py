@@ -78,6 +78,21 @@ def test_interrupted_save_keeps_previous_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.adapter"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_adapter_file_mode_respects_umask(tmp_path, umask):
+    # Like any file the process writes (open(), model.save): 0o666 & ~umask, not mkstemp's 0600.
+    model = _trained()
+    path = tmp_path / "a.adapter"
+    previous = os.umask(umask)
+    try:
+        tf_lora.save_adapter(model, str(path))
+        tf_lora.save_adapter(model, str(path))  # replacing an existing file too
+    finally:
+        os.umask(previous)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask)
+    assert sorted(os.listdir(tmp_path)) == ["a.adapter"]
+
+
 @pytest.mark.parametrize(
     "case",
     ["different_rank", "different_architecture", "truncated", "corrupted", "missing", "not_an_adapter"],
@@ -110,6 +125,46 @@ def test_bad_adapter_files_leave_model_unchanged(tmp_path, case):
     with pytest.raises(error, match=match):
         tf_lora.load_adapter(model, path)
     _assert_unchanged(model, state)
+
+
+@pytest.mark.parametrize(
+    "file_kwargs,model_kwargs,match",
+    [
+        ({"alpha": 32}, {"alpha": 8}, r"`alpha`: file alpha=32.0, model alpha=8.0 \(layers \['mha/query', 'mha/key', 'mha/value'\]\)"),
+        ({"use_rslora": True}, {}, r"`use_rslora`: file use_rslora=True, model use_rslora=False"),
+        ({"alpha_pattern": {"query": 64}}, {}, r"`alpha`: file alpha=64.0, model alpha=32.0 \(layers \['mha/query'\]\)"),
+        ({"rank_pattern": {"value": 4}}, {}, r"`rank`: file rank=4, model rank=2 \(layers \['mha/value'\]\)"),
+    ],
+    ids=["alpha", "use_rslora", "alpha_pattern", "rank_pattern"],
+)
+def test_load_adapter_checks_file_alpha(tmp_path, file_kwargs, model_kwargs, match):
+    base = mha_classifier()
+    source = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, dropout=0.0, **file_kwargs))
+    rng = np.random.default_rng(0)
+    for v in source.lora_variables:
+        v.assign(rng.standard_normal(v.shape).astype("float32"))
+    path = str(tmp_path / "a.adapter")
+    tf_lora.save_adapter(source, path)
+    model = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, dropout=0.0, **model_kwargs))
+    state = _state(model)
+    with pytest.raises(ValueError, match=match):
+        tf_lora.load_adapter(model, path)
+    _assert_unchanged(model, state)
+    # The remedy the message names: adapt with the file's config, then it loads exactly.
+    fitting = tf_lora.adapt(base, tf_lora.read_adapter_config(path))
+    tf_lora.load_adapter(fitting, path)
+    np.testing.assert_array_equal(np.asarray(fitting(_x())), np.asarray(source(_x())))
+
+
+def test_file_without_config_loads_by_keys_and_shapes(tmp_path):
+    # A plain Keras model holding adapter layers has no LoRAConfig to save or check.
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, tf_lora.LoRADense(3, rank=2, name="q")(inputs))
+    path = str(tmp_path / "a.adapter")
+    tf_lora.save_adapter(model, path)
+    tf_lora.load_adapter(model, path)
+    with pytest.raises(ValueError, match="holds no LoRAConfig"):
+        tf_lora.read_adapter_config(path)
 
 
 def test_load_into_merged_layer_raises(tmp_path):

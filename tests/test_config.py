@@ -31,6 +31,28 @@ def test_scaling_and_patterns():
     assert cfg.alpha_for("key", "mha/key") == 8.0
 
 
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_rank_pattern_most_specific_match_wins(field):
+    def value_for(patterns, name, path):
+        cfg = LoRAConfig(rank=8, alpha=8, **{field: patterns})
+        return (cfg.rank_for if field == "rank_pattern" else cfg.alpha_for)(name, path)
+
+    # An exact own name beats a key merely contained in it, whatever the order.
+    assert value_for({"query": 3, "query_norm": 5}, "query_norm", "enc/query_norm") == 5
+    assert value_for({"query_norm": 5, "query": 3}, "query_norm", "enc/query_norm") == 5
+    assert value_for({"query": 3, "query_norm": 5}, "query", "enc/query") == 3
+    # An exact full path beats an exact name elsewhere and a regex.
+    assert value_for({r"enc/.*": 2, "query": 3, "dec/query": 4}, "query", "dec/query") == 4
+    # An exact name beats a regex on the path.
+    assert value_for({r"enc/.*": 2, "query": 3}, "query", "enc/query") == 3
+    # A full regex match on the path beats a contained name.
+    assert value_for({"query": 3, r".*/query_proj": 6}, "query_proj", "enc/query_proj") == 6
+    # Among contained names, the longest wins.
+    assert value_for({"q": 2, "query_n": 4, "query": 3}, "query_norm_1", "enc/query_norm_1") == 4
+    # No key applies: the config's own value.
+    assert value_for({"query": 3}, "key", "enc/key") == 8
+
+
 def test_matching_rules():
     assert matches(("query",), "query_proj", "block/query_proj")  # contained in the name
     assert not matches(("query",), "q", "query/q")  # not the path
@@ -64,13 +86,14 @@ def test_round_trip_dict():
         ({"target_modules": "("}, ValueError, "target_modules"),
         ({"exclude_modules": "all-linear"}, ValueError, "exclude_modules"),
         ({"rank_pattern": {"q": 0}}, ValueError, "rank_pattern"),
+        ({"alpha_pattern": {"q(": 2}}, ValueError, "alpha_pattern"),
         ({"quantization": {"bits": 4}}, TypeError, "quantization"),
         ({"attention": "flash"}, ValueError, "attention"),
         ({"max_attention_memory": 1024}, ValueError, "max_attention_memory"),
     ],
     ids=["rank_zero", "rank_negative", "rank_float", "rank_bool", "alpha_zero", "alpha_negative",
          "alpha_str", "dropout_one", "dropout_negative", "unknown_init", "empty_targets",
-         "targets_int", "bad_regex", "exclude_all_linear", "rank_pattern_zero", "quant_dict",
+         "targets_int", "bad_regex", "exclude_all_linear", "rank_pattern_zero", "pattern_bad_regex", "quant_dict",
          "unknown_attention", "memory_without_chunked"],
 )
 def test_bad_lora_config(kwargs, error, match):

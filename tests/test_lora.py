@@ -11,6 +11,7 @@ import pytest
 
 import tf_lora
 from harness import run_layer_test
+from models import WEIGHT_OPTIONS, reference_losses, regularized_model, total_loss
 from tf_lora.layers.lora import _einsum_lora_equations
 
 RTOL = ATOL = 1e-5
@@ -189,3 +190,60 @@ def test_from_layer_rejects_bad_sources():
 def test_unsupported_einsum_equation():
     with pytest.raises(NotImplementedError, match="kernel"):
         tf_lora.LoRAEinsumDense("ab,b->ab", (3,), rank=2)
+
+
+def test_regularizers_and_constraints_are_kept(tmp_path):
+    base = regularized_model()
+    config = tf_lora.LoRAConfig(rank=2, dropout=0.0, target_modules=("query", "value"))
+    model = tf_lora.adapt(base, config)
+    merged = tf_lora.merge(model)
+    x, y = _rand(8, 5, seed=1), _rand(8, 2, seed=2)
+    kernels = [base.get_layer(n).kernel.numpy().astype(np.float64) for n in ("query", "value")]
+    biases = [base.get_layer(n).bias.numpy().astype(np.float64) for n in ("query", "value")]
+    expected = reference_losses(kernels, biases, x)
+    # At init: model.losses and a compiled evaluate agree: base == adapted == merged.
+    for m in (base, model, merged):
+        np.testing.assert_allclose(total_loss(m, x), expected, rtol=1e-6)
+    evaluated = []
+    for m in (base, tf_lora.adapt(base, config), tf_lora.merge(model)):  # `model` stays uncompiled for .keras
+        m.compile(loss="mse")
+        evaluated.append(m.evaluate(x, y, verbose=0))
+    np.testing.assert_allclose(evaluated, evaluated[0], rtol=1e-6)
+    # Adapted layers carry the base layer's options, the merged plain layers get them back.
+    for name in ("query", "value"):
+        source, adapted, plain = base.get_layer(name), model.get_layer(name), merged.get_layer(name)
+        assert isinstance(adapted, tf_lora.LoRALayer) and not isinstance(plain, tf_lora.LoRALayer)
+        for key in WEIGHT_OPTIONS:
+            assert adapted.get_config()[key] == source.get_config()[key] == plain.get_config()[key], (name, key)
+        assert isinstance(adapted.kernel.constraint, keras.constraints.MaxNorm)
+        assert isinstance(adapted.bias.constraint, keras.constraints.NonNeg)
+    # Trained adapters: the activity regularizer sees the update, the frozen kernels' terms stay constant.
+    for name in ("query", "value"):
+        _randomize_adapters(model.get_layer(name), seed=5)
+    layers = [model.get_layer(n) for n in ("query", "value")]
+    effective = [w + l.scaling * l.lora_a.numpy().astype(np.float64) @ l.lora_b.numpy() for w, l in zip(kernels, layers)]
+    np.testing.assert_allclose(total_loss(model, x), reference_losses(kernels, biases, x, effective), rtol=1e-5)
+    merged = tf_lora.merge(model)  # its kernels hold the update: the L2 term sees it.
+    np.testing.assert_allclose(total_loss(merged, x), reference_losses(effective, biases, x), rtol=1e-5)
+    # .keras round trip keeps them.
+    path = str(tmp_path / "regularized.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(total_loss(loaded, x), total_loss(model, x), rtol=1e-6)
+    for name in ("query", "value"):
+        for key in WEIGHT_OPTIONS:
+            assert loaded.get_layer(name).get_config()[key] == model.get_layer(name).get_config()[key]
+
+
+def test_regularizer_losses_stay_float32_under_mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        base = keras.layers.Dense(6, kernel_regularizer="l2", bias_regularizer="l1")
+        base.build((None, 5))
+        layer = tf_lora.LoRADense.from_layer(base, rank=2)
+        layer(_rand(3, 5))
+        assert [keras.backend.standardize_dtype(loss.dtype) for loss in layer.losses] == ["float32", "float32"]
+        np.testing.assert_allclose([float(v) for v in layer.losses], [float(v) for v in base.losses], rtol=1e-6)
+    finally:
+        keras.config.set_dtype_policy(previous)

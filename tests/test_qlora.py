@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import tf_lora
 from harness import run_layer_test
-from models import mha_classifier
+from models import WEIGHT_OPTIONS, mha_classifier, reference_losses, regularized_model, total_loss
 from tf_lora import nf4
 from tf_lora.adapt import walk
 from tf_lora.layers.lora import LoRALayer
@@ -383,3 +383,68 @@ def test_bad_layer_arguments():
         QLoRAEinsumDense("ab,bc->ac", (4,), quantization={"bits": 8})
     with pytest.raises(ValueError, match="group_size"):
         tf_lora.adapt(mha_classifier(), tf_lora.LoRAConfig(quantization=tf_lora.QLoRAConfig(group_size=0)))
+
+
+@pytest.mark.parametrize("fake_quant", [False, True], ids=["nf4_storage", "fake_quant"])
+def test_regularizers_and_constraints_are_kept(fake_quant, tmp_path):
+    base = regularized_model()
+    model = tf_lora.adapt(base, tf_lora.LoRAConfig(
+        rank=2, dropout=0.0, target_modules=("query", "value"),
+        quantization=tf_lora.QLoRAConfig(group_size=16, fake_quant=fake_quant)))
+    assert {type(model.get_layer(n)) for n in ("query", "value")} == set(QLORA)
+    x, y = _rand(8, 5, seed=1), _rand(8, 2, seed=2)
+    # Reference: the regularizers see the kernels the layers compute with (dequantized NF4).
+    kernels = [_f64(nf4.dequantize(nf4.quantize(base.get_layer(n).kernel.numpy(), 16))) for n in ("query", "value")]
+    biases = [_f64(base.get_layer(n).bias.numpy()) for n in ("query", "value")]
+    for name in ("query", "value"):
+        for key in WEIGHT_OPTIONS:
+            assert model.get_layer(name).get_config()[key] == base.get_layer(name).get_config()[key], (name, key)
+    merged = tf_lora.merge(model)
+    for m in (model, merged):
+        np.testing.assert_allclose(total_loss(m, x), reference_losses(kernels, biases, x), rtol=1e-6)
+    for name in ("query", "value"):
+        for key in WEIGHT_OPTIONS:
+            assert merged.get_layer(name).get_config()[key] == base.get_layer(name).get_config()[key], (name, key)
+    # Against the float base model only NF4's quantization error remains (about 1% here).
+    np.testing.assert_allclose(total_loss(model, x), total_loss(base, x), rtol=5e-2)
+    evaluated = []
+    for m in (tf_lora.adapt(base, model.lora_config), tf_lora.merge(model)):
+        m.compile(loss="mse")
+        evaluated.append(m.evaluate(x, y, verbose=0))
+    np.testing.assert_allclose(evaluated[0], evaluated[1], rtol=1e-5)
+    path = str(tmp_path / "qlora_regularized.keras")
+    model.save(path)
+    np.testing.assert_allclose(total_loss(keras.models.load_model(path), x), total_loss(model, x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "no_double_quant"])
+def test_unmerge_fake_quant_bound(double_quant):
+    # Pins the documented behaviour of QLoRA unmerge (and LoRALayer.unmerge's pointer to it).
+    group_size = 4  # 70 * 40 / 4 = 700 groups: three blocks of 256 scales with double quantization
+    base = _dense(40, 70)
+    cfg = tf_lora.QLoRAConfig(fake_quant=True, group_size=group_size, double_quant=double_quant)
+    layer = QLoRADense.from_layer(base, quantization=cfg, rank=3, alpha=6)
+    _randomize_adapters(layer)
+    layer.lora_b.assign(layer.lora_b.numpy() * 0.1)
+    x = _rand(4, 70, seed=5)
+    before, effective = np.asarray(layer(x)), layer.base_kernel_value()
+    layer.merge()
+    layer.unmerge()
+    # The float kernel is now fake_quant(W) (the values the layer computed with), not W.
+    np.testing.assert_allclose(layer.kernel.numpy(), effective, rtol=1e-6, atol=1e-6)
+    moved = np.abs(np.moveaxis(layer.base_kernel_value() - effective, -1, 0).reshape(-1))
+    if not double_quant:  # NF4 alone is idempotent: exact up to float32 rounding.
+        assert moved.max() <= 1e-6
+        np.testing.assert_allclose(np.asarray(layer(x)), before, rtol=RTOL, atol=RTOL)
+        return
+    # Double quantization is not idempotent: each element moves by at most half a step of
+    # the 8-bit scale code times its block's nested scale (NumPy from the second quantization).
+    q = nf4.quantize(effective, group_size, double_quant=True)
+    group = np.arange(moved.size) // group_size
+    bound = 0.5 * np.diff(np.asarray(nf4.DYNAMIC_MAP)).max() * q.nested_scale[group // nf4.NESTED_GROUP_SIZE]
+    assert np.all(moved <= bound * (1 + 1e-5) + 1e-7)
+    assert moved.max() > 1e-5  # not exact: the documented behaviour, not a rounding effect
+    after = np.asarray(layer(x))
+    assert np.abs(after - before).max() > 1e-5
+    kernel_bound = np.moveaxis(bound.reshape(40, 70), 0, -1)  # back to Keras layout (in, out)
+    assert np.all(np.abs(after - before) <= np.abs(_f64(x)) @ kernel_bound + 1e-5)

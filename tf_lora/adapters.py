@@ -82,7 +82,25 @@ def adapter_state(model, adapter_name: Optional[str] = None) -> Dict[str, keras.
     return state
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows it (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once (a brief, conservative window)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, data: bytes) -> None:
+    """Writes `data` to `path` atomically: a temporary file in the same folder,
+    fsynced, then renamed over `path`. A failure leaves any previous file intact
+    and no temporary file behind. The file gets the mode any file the process
+    creates gets (``0o666 & ~umask``), not `mkstemp`'s private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".adapter", dir=folder)
     try:
@@ -90,6 +108,7 @@ def _atomic_write(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -159,10 +178,64 @@ def _read_file(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
     return tensors, metadata
 
 
+def _file_config(metadata: dict, path: str) -> Optional[LoRAConfig]:
+    """The file's `LoRAConfig`, or None for a file saved from a model without one."""
+    try:
+        data = json.loads(metadata.get("lora_config") or "null")
+        return None if data is None else LoRAConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"Received an invalid value for `path`: {os.fspath(path)!r} holds an unreadable "
+            f"LoRAConfig in its metadata ({e})."
+        ) from None
+
+
 def read_adapter_config(path: str) -> LoRAConfig:
-    """The `LoRAConfig` stored in an adapter file."""
+    """The `LoRAConfig` stored in an adapter file.
+
+    Raises:
+        ValueError: the file is not a readable adapter file, or holds no config
+            (it was saved from a model that has none).
+    """
     _, metadata = _read_file(path)
-    return LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+    config = _file_config(metadata, path)
+    if config is None:
+        raise ValueError(
+            f"Received an invalid value for `path`: {os.fspath(path)!r} holds no LoRAConfig "
+            "(it was saved from a model without one)."
+        )
+    return config
+
+
+_CHECKED_FIELDS = ("rank", "alpha", "use_rslora")
+
+
+def _check_hyperparameters(model, name: str, config: LoRAConfig, path: str) -> None:
+    """Raises if a layer's adapter `name` has another rank, alpha or use_rslora
+    than `config` (the file's) gives that layer, per layer (patterns included)."""
+    differences: Dict[Tuple[str, object, object], List[str]] = {}
+    for layer_path, layer in _adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        spec = layer._spec(name)
+        saved = {
+            "rank": config.rank_for(layer.name, layer_path),
+            "alpha": config.alpha_for(layer.name, layer_path),
+            "use_rslora": config.use_rslora,
+        }
+        for field in _CHECKED_FIELDS:
+            if saved[field] != spec[field]:
+                differences.setdefault((field, saved[field], spec[field]), []).append(layer_path)
+    if differences:
+        lines = "; ".join(
+            f"`{field}`: file {field}={saved_value!r}, model {field}={model_value!r} (layers {paths[:5]})"
+            for (field, saved_value, model_value), paths in differences.items()
+        )
+        raise ValueError(
+            f"Received an invalid value for `path`: adapter file {os.fspath(path)!r} was saved with "
+            f"other hyper-parameters than adapter {name!r} of this model has: {lines}. Adapt the base "
+            "model with the file's config (tf_lora.read_adapter_config(path)) to load it."
+        )
 
 
 def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = None) -> None:
@@ -170,15 +243,30 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     `adapter_name` (default: the active one; use `add_adapter` first to load
     into a new one).
 
-    Every key and shape is checked before anything is assigned; on any
-    mismatch (another architecture, another rank, a truncated file) a
-    `ValueError` is raised and `model` is unchanged.
+    Everything is checked before anything is assigned; on any mismatch
+    `model` is unchanged.
+
+    Args:
+        model: A model returned by `tf_lora.adapt`.
+        path: A file written by `save_adapter`.
+        adapter_name: Which adapter to load into (default: the active one).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: a file that is truncated, corrupted or not an adapter file;
+            keys or shapes that do not fit the model (another architecture or
+            target_modules); or a `rank`, `alpha` or `use_rslora` in the file's
+            `LoRAConfig` that differs, for some layer (`rank_pattern` and
+            `alpha_pattern` included), from that layer's adapter: the message
+            names the field, the file's value and the model's. (A file saved
+            from a model without a config is checked by keys and shapes only.)
 
     Example:
         >>> load_adapter(model, "task_a.adapter")  # doctest: +SKIP
     """
     tensors, metadata = _read_file(path)
     state = adapter_state(model, adapter_name)
+    name = _adapter_name(model, adapter_name)
     merged = [p for p, layer in _adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
@@ -190,19 +278,18 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
             f"or target_modules?). Keys missing from the file: {missing[:10]}; keys in the file "
             f"but not in the model: {extra[:10]}."
         )
+    config = _file_config(metadata, path)
+    if config is not None:
+        _check_hyperparameters(model, name, config, path)
     wrong = [
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
         for k, v in state.items()
         if tuple(tensors[k].shape) != tuple(v.shape)
     ]
     if wrong:
-        try:
-            file_rank = json.loads(metadata.get("lora_config", "null") or "null").get("rank")
-        except AttributeError:
-            file_rank = None
         raise ValueError(
-            f"Adapter file {os.fspath(path)!r} has different shapes (file rank {file_rank}, "
-            f"a different rank or architecture?): {wrong[:10]}"
+            f"Adapter file {os.fspath(path)!r} has different shapes (file rank "
+            f"{config.rank if config is not None else None}, a different rank or architecture?): {wrong[:10]}"
         )
     for k, v in state.items():
         v.assign(tensors[k].astype(v.dtype if isinstance(v.dtype, str) else np.float32))

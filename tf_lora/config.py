@@ -72,11 +72,20 @@ def matches(selector: Union[str, Sequence[str]], name: str, path: str) -> bool:
 
 
 def _pattern_lookup(patterns: Mapping[str, Any], name: str, path: str) -> Any:
-    """First key that equals/contained-in the name or fully matches the path."""
+    """The value of the most specific key of `patterns` for this layer (None: no key applies).
+
+    1. a key equal to the layer's whole path, else one equal to its own name;
+    2. else the first key (in the mapping's order) that, as a regex, fully matches the path;
+    3. else the longest key contained in the layer's own name (the first of equal length).
+    """
+    for exact in (path, name):
+        if exact in patterns:
+            return patterns[exact]
     for key, value in patterns.items():
-        if key in name or re.fullmatch(key, path):
+        if re.fullmatch(key, path):
             return value
-    return None
+    contained = [key for key in patterns if key in name]
+    return patterns[max(contained, key=len)] if contained else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +166,13 @@ class LoRAConfig:
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
         init: ``"he_uniform"`` (default) or ``"gaussian"`` (normal, std 1/rank)
             for `lora_a`; `lora_b` always starts at zero.
-        rank_pattern: Per-layer ranks, ``{key: rank}``; a key applies to a
-            layer when it is contained in its name or fully matches its path.
-        alpha_pattern: Per-layer alphas, same keys as `rank_pattern`.
+        rank_pattern: Per-layer ranks, ``{key: rank}``. A key is a layer name
+            or a regex; when several apply, the most specific wins: a key equal
+            to the layer's whole path, then one equal to its own name, then
+            the first key (in order) that fully matches the path as a regex,
+            then the longest key contained in the layer's own name. So with
+            ``{"query": 3, "query_norm": 5}`` the layer ``query_norm`` gets 5.
+        alpha_pattern: Per-layer alphas, same keys and rule as `rank_pattern`.
         quantization: A `QLoRAConfig` to store the base weights in NF4.
         attention: ``"chunked"`` replaces every MultiHeadAttention by an exact
             `ChunkedAttention` while adapting; `None` keeps them.
@@ -213,6 +226,12 @@ class LoRAConfig:
             for key, v in value.items():
                 if not isinstance(key, str) or not key:
                     raise TypeError(_invalid(field, "non-empty string keys", value))
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ValueError(
+                        _invalid(field, f"keys that are layer names or valid regular expressions ({e})", value)
+                    ) from None
                 check(f"{field}[{key!r}]", v)
             object.__setattr__(self, field, types.MappingProxyType(dict(value)))
         if self.quantization is not None and not isinstance(self.quantization, QLoRAConfig):
@@ -227,12 +246,14 @@ class LoRAConfig:
 
     # -- per-layer values -------------------------------------------------
     def rank_for(self, name: str, path: str) -> int:
-        """The rank for the layer with this own name and path."""
+        """The rank for the layer with this own name and path (`rank_pattern`'s
+        most specific key, else `rank`)."""
         value = _pattern_lookup(self.rank_pattern, name, path)
         return self.rank if value is None else int(value)
 
     def alpha_for(self, name: str, path: str) -> float:
-        """The alpha for the layer with this own name and path."""
+        """The alpha for the layer with this own name and path (`alpha_pattern`'s
+        most specific key, else `alpha`)."""
         value = _pattern_lookup(self.alpha_pattern, name, path)
         return float(self.alpha if value is None else value)
 

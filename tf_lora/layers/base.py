@@ -18,6 +18,9 @@ from keras import ops
 
 _INITS = ("he_uniform", "gaussian")
 DEFAULT_ADAPTER = "default"
+# Constructor arguments copied from the adapted layer and handed back by to_base_layer.
+_WEIGHT_OPTIONS = ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
+                   "kernel_constraint", "bias_constraint")
 
 
 def _invalid(name: str, expected: str, value: Any) -> str:
@@ -57,6 +60,19 @@ class LoRALayer(keras.layers.Layer):
     ``lora_a_<name>``, ``lora_b_<name>``); `active_adapter` picks which one
     the forward pass uses (`None`: the base layer alone). Switching never
     touches the base weights.
+
+    Regularizers and constraints are those of the adapted layer (`from_layer`
+    copies them, `to_base_layer` gives them back). The activity regularizer
+    sees the layer's output, LoRA update included. `kernel_regularizer` and
+    `bias_regularizer` apply to the stored base weights (for NF4 storage the
+    dequantized kernel): frozen, they add a constant to `losses` (once per
+    layer, like Keras' weight regularizers), so an adapted model's loss equals
+    the base model's at init; the LoRA update is not regularized by them (use
+    the optimizer's weight decay for the adapters). After `merge()` the stored
+    kernel holds the update and is what the regularizer sees. Constraints are
+    attached to the float base variables; the optimizer only applies them to
+    trainable variables, so they act again once the base is unfrozen or merged
+    into a plain layer.
     """
 
     def __init__(
@@ -70,9 +86,17 @@ class LoRALayer(keras.layers.Layer):
         activation: Any = None,
         adapters: Optional[dict] = None,
         active_adapter: Optional[str] = DEFAULT_ADAPTER,
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # activity_regularizer is Keras' own Layer argument
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
         spec = _adapter_spec(rank, alpha, dropout, use_rslora, lora_init)
         self.rank = spec["rank"]
         self.alpha = spec["alpha"]
@@ -229,11 +253,49 @@ class LoRALayer(keras.layers.Layer):
         self.merged = True
 
     def unmerge(self) -> None:
-        """Takes the LoRA update out of the kernel again (exact up to rounding)."""
+        """Takes the LoRA update out of the kernel again: ``kernel - scaling * lora_a @ lora_b``.
+
+        For a float kernel this restores it, and the outputs, up to float32
+        rounding (the subtraction is not bit-exact). A layer whose forward pass
+        transforms its stored kernel states its own bound: for fake-quant
+        `QLoRADense` / `QLoRAEinsumDense` with double quantization merge ->
+        unmerge is not exact (see their `unmerge`).
+        """
         if not self.merged:
             raise ValueError(f"Layer '{self.name}' is not merged; nothing to unmerge.")
         self.kernel.assign(self.base_kernel_value() - self.lora_delta())
         self.merged = False
+
+    # -- regularizers and constraints ------------------------------------------
+    def _get_own_losses(self):
+        # Keras' Model.losses collects this per layer; its weight regularizers only cover
+        # trainable variables (Layer._get_regularization_losses), and the base weights are
+        # frozen, so theirs are added here. Pinned by tests/test_lora.py (regularizers test).
+        losses = super()._get_own_losses()
+        return losses + self.base_regularization_losses() if self.built else losses
+
+    def base_regularization_losses(self) -> list:
+        """``[kernel_regularizer(kernel), bias_regularizer(bias)]`` of the stored base
+        weights (those set), part of `losses`; constant while the base is frozen."""
+        out = []
+        if self.kernel_regularizer is not None:
+            out.append(self.kernel_regularizer(self._regularized_kernel()))
+        if self.bias_regularizer is not None and getattr(self, "bias", None) is not None:
+            out.append(self.bias_regularizer(self.bias))
+        return out
+
+    def _regularized_kernel(self):
+        """The base kernel `kernel_regularizer` sees (Keras layout, float32)."""
+        return self.kernel
+
+    @staticmethod
+    def _weight_options_of(layer, overrides: dict) -> dict:
+        """`layer`'s regularizers and constraints, except those `overrides` gives."""
+        return {**{k: getattr(layer, k, None) for k in _WEIGHT_OPTIONS}, **overrides}
+
+    def _weight_options(self) -> dict:
+        """This layer's regularizers and constraints, as plain-layer arguments."""
+        return {k: getattr(self, k) for k in _WEIGHT_OPTIONS}
 
     @classmethod
     def source_input_shape(cls, layer) -> tuple:
@@ -259,6 +321,10 @@ class LoRALayer(keras.layers.Layer):
             activation=keras.activations.serialize(self.activation),
             adapters={name: dict(spec) for name, spec in self._extra_specs.items()},
             active_adapter=self.active_adapter,
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
+            bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
+            kernel_constraint=keras.constraints.serialize(self.kernel_constraint),
+            bias_constraint=keras.constraints.serialize(self.bias_constraint),
         )
         return config
 

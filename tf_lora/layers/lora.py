@@ -35,6 +35,9 @@ class LoRADense(LoRALayer):
         use_bias: Whether the (frozen) bias exists.
         rank, alpha, dropout, use_rslora, lora_init: see `tf_lora.LoRAConfig`.
         merged: Whether the kernel already contains the LoRA update.
+        kernel_regularizer, bias_regularizer, activity_regularizer,
+        kernel_constraint, bias_constraint: as for `keras.layers.Dense`; see
+            `LoRALayer` for how they act on a frozen base.
 
     Example:
         >>> layer = LoRADense(4, rank=2, alpha=4)
@@ -63,7 +66,8 @@ class LoRADense(LoRALayer):
     def _build_kernel(self, kernel_shape) -> None:
         """Creates the frozen base kernel (QLoRA layers store it in NF4 instead)."""
         self.kernel = self.add_weight(
-            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer, trainable=False
+            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer,
+            constraint=self.kernel_constraint, trainable=False,
         )
 
     def build(self, input_shape):
@@ -71,7 +75,8 @@ class LoRADense(LoRALayer):
         self._build_kernel((in_dim, self.units))
         if self.use_bias:
             self.bias = self.add_weight(
-                name="bias", shape=(self.units,), initializer=self.bias_initializer, trainable=False
+                name="bias", shape=(self.units,), initializer=self.bias_initializer,
+                constraint=self.bias_constraint, trainable=False,
             )
         self._build_lora((in_dim,), (self.units,))
         self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: in_dim})
@@ -100,7 +105,8 @@ class LoRADense(LoRALayer):
     def from_layer(cls, layer: keras.layers.Dense, rank: int = 8, alpha: float = 32.0,
                    dropout: float = 0.0, use_rslora: bool = False, lora_init: str = "he_uniform",
                    **kwargs) -> "LoRADense":
-        """A built `LoRADense` carrying `layer`'s name, dtype policy and weights.
+        """A built `LoRADense` carrying `layer`'s name, dtype policy, weights,
+        regularizers and constraints (`kwargs` may override them).
 
         `layer` itself is not modified.
         """
@@ -108,7 +114,7 @@ class LoRADense(LoRALayer):
         new = cls(
             units=layer.units, activation=layer.activation, use_bias=layer.use_bias,
             rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_init=lora_init,
-            name=layer.name, dtype=layer.dtype_policy, **kwargs,
+            name=layer.name, dtype=layer.dtype_policy, **cls._weight_options_of(layer, kwargs),
         )
         new.build(cls.source_input_shape(layer))
         new._copy_base_weights(layer)
@@ -124,10 +130,10 @@ class LoRADense(LoRALayer):
             self.bias.assign(ops.convert_to_numpy(layer.bias))
 
     def to_base_layer(self) -> keras.layers.Dense:
-        """A plain built `keras.layers.Dense` with the merged kernel."""
+        """A plain built `keras.layers.Dense` with the merged kernel, regularizers and constraints."""
         dense = keras.layers.Dense(
             self.units, activation=self.activation, use_bias=self.use_bias,
-            name=self.name, dtype=self.dtype_policy,
+            name=self.name, dtype=self.dtype_policy, **self._weight_options(),
         )
         dense.build((None, self.kernel.shape[0]))
         dense.kernel.assign(self.merged_kernel())
@@ -215,7 +221,8 @@ class LoRAEinsumDense(LoRALayer):
         self._build_kernel(tuple(kernel_shape))
         if bias_shape is not None:
             self.bias = self.add_weight(
-                name="bias", shape=tuple(bias_shape), initializer=self.bias_initializer, trainable=False
+                name="bias", shape=tuple(bias_shape), initializer=self.bias_initializer,
+                constraint=self.bias_constraint, trainable=False,
             )
         dims = dict(zip(self._k_sub, kernel_shape))
         self._build_lora([dims[c] for c in self._in_axes], [dims[c] for c in self._out_axes])
@@ -223,7 +230,8 @@ class LoRAEinsumDense(LoRALayer):
     def _build_kernel(self, kernel_shape) -> None:
         """Creates the frozen base kernel (QLoRA layers store it in NF4 instead)."""
         self.kernel = self.add_weight(
-            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer, trainable=False
+            name="kernel", shape=tuple(kernel_shape), initializer=self.kernel_initializer,
+            constraint=self.kernel_constraint, trainable=False,
         )
 
     def _base_call(self, inputs):
@@ -281,13 +289,14 @@ class LoRAEinsumDense(LoRALayer):
     def from_layer(cls, layer: keras.layers.EinsumDense, rank: int = 8, alpha: float = 32.0,
                    dropout: float = 0.0, use_rslora: bool = False, lora_init: str = "he_uniform",
                    **kwargs) -> "LoRAEinsumDense":
-        """A built `LoRAEinsumDense` carrying `layer`'s name, dtype policy and weights."""
+        """A built `LoRAEinsumDense` carrying `layer`'s name, dtype policy, weights,
+        regularizers and constraints (`kwargs` may override them)."""
         cls._check_source(layer, keras.layers.EinsumDense, "EinsumDense")
         new = cls(
             equation=layer.equation, output_shape=layer.partial_output_shape,
             activation=layer.activation, bias_axes=layer.bias_axes,
             rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_init=lora_init,
-            name=layer.name, dtype=layer.dtype_policy, **kwargs,
+            name=layer.name, dtype=layer.dtype_policy, **cls._weight_options_of(layer, kwargs),
         )
         new.build(cls._input_shape_of(layer))
         new._copy_base_weights(layer)
@@ -299,10 +308,10 @@ class LoRAEinsumDense(LoRALayer):
             self.bias.assign(ops.convert_to_numpy(layer.bias))
 
     def to_base_layer(self) -> keras.layers.EinsumDense:
-        """A plain built `keras.layers.EinsumDense` with the merged kernel."""
+        """A plain built `keras.layers.EinsumDense` with the merged kernel, regularizers and constraints."""
         dense = keras.layers.EinsumDense(
             self.equation, self.partial_output_shape, activation=self.activation,
-            bias_axes=self.bias_axes, name=self.name, dtype=self.dtype_policy,
+            bias_axes=self.bias_axes, name=self.name, dtype=self.dtype_policy, **self._weight_options(),
         )
         dense.build(self._built_input_shape())
         dense.kernel.assign(self.merged_kernel())

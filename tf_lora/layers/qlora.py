@@ -92,7 +92,7 @@ class _NF4Base:
         if self.fake_quant:
             self.kernel = self.add_weight(
                 name="kernel", shape=self.kernel_shape, initializer=self.kernel_initializer,
-                trainable=False, autocast=False,
+                constraint=self.kernel_constraint, trainable=False, autocast=False,
             )
             return
         n, cfg = math.prod(self.kernel_shape), self.quantization
@@ -159,6 +159,16 @@ class _NF4Base:
             return tf.cast(kernel, dtype), False
         return tf.stop_gradient(tf.cast(self._dequantize(), dtype)), True
 
+    def _regularized_kernel(self) -> tf.Tensor:
+        """The base kernel the layer computes with, float32 in Keras layout (dequantized)."""
+        if self.fake_quant:
+            kernel = tf.convert_to_tensor(self.kernel)
+            if not self.merged:
+                kernel = nf4.fake_quant(kernel, self.quantization.group_size, self.quantization.double_quant)
+            return kernel
+        torch_layout = self._dequantize()
+        return tf.transpose(torch_layout, [*range(1, len(self.kernel_shape)), 0])
+
     def _cast_in(self, inputs):
         return tf.cast(inputs, self.base_compute_dtype)
 
@@ -209,7 +219,8 @@ class _NF4Base:
         """Folds the LoRA update into the kernel: only in `fake_quant` mode.
 
         The merged kernel is ``fake_quant(kernel) + scaling * lora_a @ lora_b`` and is used
-        as is (not quantized again); `unmerge` leaves the fake-quantized kernel.
+        as is (not quantized again); `unmerge` leaves the fake-quantized kernel, which with
+        double quantization does not give the pre-merge outputs exactly (see `unmerge`).
 
         Raises:
             NotImplementedError: with 4-bit storage; use `tf_lora.merge(model)` instead.
@@ -218,7 +229,23 @@ class _NF4Base:
         super().merge()
 
     def unmerge(self) -> None:
-        """Takes the LoRA update out of a merged `fake_quant` kernel."""
+        """Takes the LoRA update out of a merged `fake_quant` kernel; exact only without double quantization.
+
+        The float kernel afterwards is ``fake_quant(W)`` (up to float32 rounding), not
+        the original `W`, and the forward pass fake-quantizes it again. Without double
+        quantization NF4 is idempotent, so the outputs are restored up to float32
+        rounding. With it (the default) they are not: the group scales are quantized
+        to 8 bits a second time, around a new mean, so each element of the kernel the
+        layer computes with moves by at most half a step of the 8-bit scale code,
+        ``0.5 * max(diff(nf4.DYNAMIC_MAP)) * nested_scale`` (about 0.007 times the
+        nested scale of its block of 256 groups), per merge/unmerge cycle. That is a
+        worst case; typically the move is ~1e-4 of the group's scale, but it repeats
+        in the same direction, so cycles accumulate. To switch adapters without this
+        drift, do not merge in place; use `tf_lora.merge(model)` for a merged copy.
+
+        Raises:
+            NotImplementedError: with 4-bit storage (nothing to unmerge).
+        """
         self._no_merge("unmerge")
         super().unmerge()
 
@@ -268,10 +295,11 @@ class QLoRADense(_NF4Base, LoRADense):
         )
 
     def to_base_layer(self) -> keras.layers.Dense:
-        """A plain built `keras.layers.Dense` with the dequantized kernel plus the LoRA update."""
+        """A plain built `keras.layers.Dense` with the dequantized kernel plus the LoRA
+        update, and this layer's regularizers and constraints."""
         dense = keras.layers.Dense(
             self.units, activation=self.activation, use_bias=self.use_bias,
-            name=self.name, dtype=self.dtype_policy,
+            name=self.name, dtype=self.dtype_policy, **self._weight_options(),
         )
         dense.build((None, self.kernel_shape[0]))
         dense.kernel.assign(self.merged_kernel())
