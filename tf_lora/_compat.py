@@ -30,6 +30,20 @@ except ImportError:  # pragma: no cover
     _keras_analyze_einsum = None
 
 
+try:  # Keras >= 3.6 keeps masks behind these helpers.
+    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+except ImportError:  # pragma: no cover - older Keras 3
+
+    def get_keras_mask(x):
+        return getattr(x, "_keras_mask", None)
+
+    def set_keras_mask(x, mask):
+        try:
+            x._keras_mask = mask
+        except AttributeError:  # e.g. a tf.Tensor that takes no attributes: no mask to carry
+            pass
+
+
 def analyze_einsum(equation: str, bias_axes, input_shape, output_shape):
     """``(kernel_shape, bias_shape, full_output_shape)`` as EinsumDense computes them.
 
@@ -42,6 +56,16 @@ def analyze_einsum(equation: str, bias_axes, input_shape, output_shape):
 def own_variables(layer) -> List["keras.Variable"]:
     """The variables a layer created itself (not those of its sublayers)."""
     return list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", []))
+
+
+def created_trainable(layer) -> List["keras.Variable"]:
+    """The variables of `layer` and its sublayers that were created trainable
+    (what full training of the layer updates by gradient; not e.g. BatchNorm's
+    moving statistics), whatever their `trainable` flag says now."""
+    found = []
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        found.extend(getattr(sub, "_trainable_variables", []))
+    return found
 
 
 def child_layers(layer) -> List["keras.layers.Layer"]:

@@ -92,7 +92,7 @@ class AdaptedModel:
         return [layer for path, layer, _ in surgery.walk(self) if matches(selector, layer.name, path)]
 
     def _train_ids(self) -> set:
-        ids = {id(v) for layer in self.modules_to_save_layers() for v in layer.weights}
+        ids = {id(v) for layer in self.modules_to_save_layers() for v in _compat.created_trainable(layer)}
         for _, layer in self.adapter_layers():
             ids.update(id(v) for v in layer.active_variables())
         return ids

@@ -25,18 +25,7 @@ from tf_lora.layers.chunked_op import (
     masked_chunked_attention,
 )
 
-try:  # Keras >= 3.6 keeps masks behind these helpers.
-    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
-except ImportError:  # pragma: no cover - older Keras 3
-
-    def get_keras_mask(x):
-        return getattr(x, "_keras_mask", None)
-
-    def set_keras_mask(x, mask):
-        try:
-            x._keras_mask = mask
-        except AttributeError:  # e.g. a tf.Tensor that takes no attributes: no mask to carry
-            pass
+from tf_lora._compat import get_keras_mask, set_keras_mask
 
 
 __all__ = ["ChunkedAttention", "chunked_attention"]

@@ -16,6 +16,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_lora import _compat
+
 _INITS = ("he_uniform", "gaussian")
 DEFAULT_ADAPTER = "default"
 # Constructor arguments copied from the adapted layer and handed back by to_base_layer.
@@ -177,11 +179,8 @@ class LoRALayer(keras.layers.Layer):
         spec = _adapter_spec(rank, alpha, dropout, use_rslora, lora_init)
         self._extra_specs[name] = spec
         if self.built:
-            self._tracker.unlock()
-            try:
+            with _compat.unlocked(self):
                 self._extra_vars[name] = self._make_lora_pair(f"_{name}", spec["rank"], spec["lora_init"])
-            finally:
-                self._tracker.lock()
         self._set_trainable_flags()
 
     def delete_adapter(self, name: str) -> None:
@@ -191,7 +190,7 @@ class LoRALayer(keras.layers.Layer):
         if name == self.active_adapter:
             raise ValueError(f"Adapter {name!r} of layer '{self.name}' is active; activate another one first.")
         for var in self._extra_vars.pop(name, ()):
-            self._untrack_variable(var)
+            _compat.untrack_variable(self, var)
         del self._extra_specs[name]
 
     def set_active_adapter(self, name: Optional[str]) -> None:

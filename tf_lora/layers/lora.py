@@ -19,10 +19,7 @@ from keras import ops
 
 from tf_lora.layers.base import DEFAULT_ADAPTER, LoRALayer, _adapter_spec, _invalid, _scaling  # noqa: F401
 
-try:  # Keras' own shape analysis, so kernel/bias shapes match EinsumDense's.
-    from keras.src.layers.core.einsum_dense import _analyze_einsum_string
-except ImportError:  # pragma: no cover - guarded by the keras pin in setup.cfg
-    _analyze_einsum_string = None
+from tf_lora._compat import analyze_einsum  # Keras' own shape analysis, so shapes match EinsumDense's
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
@@ -212,7 +209,7 @@ class LoRAEinsumDense(LoRALayer):
         self._built_shape = None
 
     def build(self, input_shape):
-        kernel_shape, bias_shape, full_output_shape, _, _ = _analyze_einsum_string(
+        kernel_shape, bias_shape, full_output_shape = analyze_einsum(
             self.equation, self.bias_axes, input_shape, self.partial_output_shape
         )
         self._built_shape = tuple(input_shape)
@@ -246,7 +243,7 @@ class LoRAEinsumDense(LoRALayer):
         return np.transpose(delta, [order.index(c) for c in self._k_sub])
 
     def compute_output_shape(self, input_shape):
-        _, _, full_output_shape, _, _ = _analyze_einsum_string(
+        _, _, full_output_shape = analyze_einsum(
             self.equation, self.bias_axes, input_shape, self.partial_output_shape
         )
         return tuple(full_output_shape)
