@@ -122,12 +122,29 @@ def become(old, new) -> None:
     must not be used afterwards.
     """
     graph_state = {k: old.__dict__[k] for k in _GRAPH_STATE if k in old.__dict__}
+    old_tracker = old.__dict__.get("_tracker")
     state = dict(new.__dict__)
     new.__dict__.clear()
     old.__dict__.clear()
     old.__dict__.update(state)
     old.__dict__.update(graph_state)
     old.__class__ = type(new)
+    # The kept containers are Keras TrackedList/TrackedDicts that point at `old`'s tracker,
+    # which holds `old`'s variable lists: left there, they would keep the replaced weights alive.
+    _retrack(list(graph_state.values()), old_tracker, state.get("_tracker"))
+
+
+def _retrack(values, old_tracker, new_tracker) -> None:
+    """Points the Keras tracked containers in `values` (nested) from `old_tracker` to `new_tracker`."""
+    stack, seen = list(values), set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or not isinstance(value, (list, tuple, dict, set)):
+            continue
+        seen.add(id(value))
+        if old_tracker is not None and getattr(value, "tracker", None) is old_tracker:
+            value.tracker = new_tracker
+        stack.extend(value.values() if isinstance(value, dict) else value)
 
 
 # Traced functions a model caches; they capture variables and the Python-level
