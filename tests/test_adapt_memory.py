@@ -26,3 +26,12 @@ def test_inplace_frees_every_replaced_kernel():
     gc.collect()
     assert refs and [r for r in refs if r() is not None] == []
 
+
+def test_a_copy_does_not_keep_the_original_alive():
+    base = hub_models.gemma()
+    refs = _kernel_refs(base, QLORA) + [weakref.ref(base), weakref.ref(base.backbone.token_embedding.embeddings)]
+    model = tf_lora.adapt(base, QLORA, verbose=0)
+    del base
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    assert isinstance(model.backbone.get_layer("decoder_block_0").attention.query_dense, tf_lora.QLoRAEinsumDense)

@@ -137,7 +137,11 @@ def _reachable(root, memo: Dict[int, object]) -> List[object]:
 def _deep_copy(root, memo: Dict[int, object]):
     """`copy.deepcopy` of `root`, except that Keras objects are copied attribute
     by attribute instead of through their pickling hook (which serializes them
-    to a `.keras` file, i.e. rebuilds them from `get_config`)."""
+    to a `.keras` file, i.e. rebuilds them from `get_config`).
+
+    The functions `__new__` puts on each new object are kept: Keras' `Layer.__new__`
+    wraps `build` and `quantize` in closures over the instance, and the original's
+    (which deepcopy shares, not copies) would act on the original and keep it alive."""
     objects = _reachable(root, memo)
     for obj in objects:
         memo[id(obj)] = type(obj).__new__(type(obj))
@@ -150,7 +154,9 @@ def _deep_copy(root, memo: Dict[int, object]):
         elif isinstance(obj, set):
             set.update(new, copy.deepcopy(set(obj), memo))
         if hasattr(obj, "__dict__"):
-            new.__dict__.update(copy.deepcopy(obj.__dict__, memo))
+            own = {k: v for k, v in new.__dict__.items() if isinstance(v, types.FunctionType)}
+            state = {k: v for k, v in obj.__dict__.items() if k not in own}
+            new.__dict__.update(copy.deepcopy(state, memo))
     for obj in objects:
         _compat.remap_tracked_ids(memo[id(obj)], memo)
     return memo[id(root)]
