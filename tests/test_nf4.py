@@ -338,6 +338,36 @@ def test_fixture_disagreement_count():
 # ---------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("source", ["numpy", "tf_variable", "keras_variable"])
+@pytest.mark.parametrize(
+    "shape,group_size",
+    [((128, 16), 64), ((70, 33), 64), ((40, 2), 64), ((3, 5, 7), 64), ((9, 11), 7), ((5, 3), 4)],
+    ids=["aligned", "partial_groups", "group_crosses_rows", "rank3_odd", "odd_group", "rows_shorter_than_group"],
+)
+def test_quantize_in_slices_matches_reference(monkeypatch, shape, group_size, source):
+    """Quantizing a few output units at a time (and reading variables slice by slice)
+    gives the same arrays as the whole-kernel reference, groups crossing rows included."""
+    import keras
+
+    monkeypatch.setattr(nf4, "_CHUNK", 16)  # several slices even for these small kernels
+    rng = np.random.default_rng(sum(shape))
+    kernel = (rng.standard_normal(shape) * rng.uniform(0.01, 1, shape[-1])).astype(np.float32)
+    wrap = {"numpy": lambda k: k, "tf_variable": tf.Variable, "keras_variable": keras.Variable}[source]
+    q = nf4.quantize(wrap(kernel), group_size=group_size, double_quant=True)
+    ref = ref_quantize(kernel, group_size, True)
+    for key, value in ref.items():
+        np.testing.assert_array_equal(q.arrays[key], np.asarray(value).reshape(q.arrays[key].shape), err_msg=key)
+    assert q.shape == shape
+
+
+def test_non_finite_values_are_counted_over_all_slices(monkeypatch):
+    monkeypatch.setattr(nf4, "_CHUNK", 16)
+    kernel = np.ones((8, 32), np.float32)
+    kernel[0, 0], kernel[5, 31] = np.nan, np.inf  # the first and the last slice
+    with pytest.raises(ValueError, match="contains 2 NaN or Inf"):
+        nf4.quantize(tf.constant(kernel), name="block/ffw")
+
+
 @pytest.mark.parametrize(
     "group_size,error",
     [(0, ValueError), (-64, ValueError), (64.0, TypeError), ("64", TypeError), (True, TypeError), (None, TypeError)],

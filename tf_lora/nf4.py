@@ -177,10 +177,33 @@ def _blockwise(flat: np.ndarray, group_size: int, midpoints: np.ndarray):
     return idx[: flat.size], absmax
 
 
+# Elements quantized at a time: a kernel is read and converted in slices of about this
+# many elements, so quantizing never holds a second full-size float copy of it.
+_CHUNK = 2**18
+
+
+def _slicer(kernel: Any):
+    """``(shape, dtype, read)`` of `kernel`; ``read(o0, o1)`` is ``kernel[..., o0:o1]`` as NumPy.
+
+    Tensors and variables are read one slice at a time (converting a whole one copies it);
+    other array-likes are converted to one NumPy array first.
+    """
+    if not isinstance(kernel, np.ndarray) and hasattr(kernel, "shape") and hasattr(kernel, "__getitem__"):
+        shape = tuple(int(d) for d in kernel.shape)
+        if shape and min(shape) > 0:
+            dtype = np.asarray(kernel[(0,) * len(shape)]).dtype
+            return shape, dtype, lambda o0, o1: np.asarray(kernel[..., o0:o1])
+    array = np.asarray(kernel)
+    return array.shape, array.dtype, lambda o0, o1: array[..., o0:o1]
+
+
 def quantize(
     kernel: Any, group_size: int = 64, double_quant: bool = True, name: Optional[str] = None
 ) -> NF4Tensor:
     """Quantizes a kernel to NF4 exactly as bitsandbytes' `quantize_4bit(quant_type="nf4")`.
+
+    The kernel is processed a slice of output units at a time (a few MiB of temporaries,
+    however large the kernel), reading tensors and variables slice by slice.
 
     Args:
         kernel: float array-like (NumPy, tensor, variable) of shape (in, out) or (..., out).
@@ -203,24 +226,38 @@ def quantize(
     group_size = _check_group_size(group_size)
     if not isinstance(double_quant, (bool, np.bool_)):
         _bad("double_quant", "a bool", double_quant, TypeError)
-    array = np.asarray(kernel)
-    if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
-        _bad("kernel", "a floating-point array", f"array of dtype {array.dtype}", TypeError)
-    if array.ndim == 0 or array.size == 0:
-        _bad("kernel", "a non-empty array of rank >= 1", f"array of shape {array.shape}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
+    shape, dtype, read = _slicer(kernel)
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        _bad("kernel", "a floating-point array", f"array of dtype {dtype}", TypeError)
+    if len(shape) == 0 or math.prod(shape) == 0:
+        _bad("kernel", "a non-empty array of rank >= 1", f"array of shape {shape}")
+    n, units = math.prod(shape), shape[-1]
+    row = n // units  # elements per output unit: one row of the torch layout (out, ...)
+    # Slices of whole rows that start on a group boundary and an even element (a byte).
+    step = math.lcm(group_size, 2) // math.gcd(row, math.lcm(group_size, 2))
+    step *= max(1, _CHUNK // (step * row))
+    codes = np.empty((n + 1) // 2, np.uint8)
+    absmax = np.empty(-(-n // group_size), np.float32)
+    bad = 0
+    for o0 in range(0, units, step):
+        o1 = min(o0 + step, units)
+        flat = np.ascontiguousarray(np.moveaxis(read(o0, o1), -1, 0), dtype=np.float32).reshape(-1)
+        bad += flat.size - int(np.count_nonzero(np.isfinite(flat)))
+        if bad:
+            continue  # counted to the end for the message; nothing more to compute
+        idx, scales = _blockwise(flat, group_size, _MIDPOINTS)
+        start = o0 * row
+        absmax[start // group_size : start // group_size + scales.size] = scales
+        idx = np.pad(idx, (0, idx.size % 2), constant_values=_ZERO_CODE)  # odd n: the last slice
+        codes[start // 2 : start // 2 + idx.size // 2] = (idx[0::2] << 4) | idx[1::2]
+    if bad:
         where = f"of layer '{name}'" if name else "(no layer name given)"
-        bad = array.size - int(np.isfinite(array).sum())
         raise ValueError(f"Cannot quantize the kernel {where}: it contains {bad} NaN or Inf values.")
-    idx, absmax = _blockwise(np.moveaxis(array, -1, 0).reshape(-1), group_size, _MIDPOINTS)
-    idx = np.pad(idx, (0, idx.size % 2), constant_values=_ZERO_CODE)
-    codes = (idx[0::2] << 4) | idx[1::2]
     nested_scale = offset = None
     if double_quant:
         offset = np.float32(np.mean(absmax, dtype=np.float64))
         absmax, nested_scale = _blockwise(absmax - offset, NESTED_GROUP_SIZE, _DYNAMIC_MIDPOINTS)
-    return NF4Tensor(codes, absmax, nested_scale, offset, array.shape, group_size, bool(double_quant))
+    return NF4Tensor(codes, absmax, nested_scale, offset, shape, group_size, bool(double_quant))
 
 
 def _per_group(values: tf.Tensor, scales: tf.Tensor, group_size: int, n: int) -> tf.Tensor:

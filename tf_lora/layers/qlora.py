@@ -185,14 +185,15 @@ class _NF4Base:
         cfg = self.quantization
         return ops.convert_to_numpy(nf4.fake_quant(kernel, cfg.group_size, cfg.double_quant))
 
-    def _set_base_kernel(self, kernel: np.ndarray, source_name: str) -> None:
-        kernel = np.asarray(kernel)
+    def _set_base_kernel(self, kernel: Any, source_name: str) -> None:
+        """`kernel`: an array, tensor or variable (`nf4.quantize` reads it a slice at a time)."""
         if not self.fake_quant:
             cfg = self.quantization
             q = nf4.quantize(kernel, cfg.group_size, cfg.double_quant, name=source_name)
             for var in self.storage_variables():
                 var.assign(q.arrays[var.name[len("nf4_"):]])
             return
+        kernel = np.asarray(kernel)
         if kernel.dtype.kind == "f" and not np.isfinite(kernel).all():
             raise ValueError(
                 f"Cannot quantize the kernel of layer '{source_name}': it contains "
@@ -201,7 +202,8 @@ class _NF4Base:
         self.kernel.assign(kernel)
 
     def _copy_base_weights(self, layer) -> None:
-        self._set_base_kernel(ops.convert_to_numpy(layer.kernel), layer.name)
+        # The variable itself, not a NumPy copy: quantizing reads it a slice at a time.
+        self._set_base_kernel(layer.kernel, layer.name)
         if self.bias is not None:
             self.bias.assign(ops.convert_to_numpy(layer.bias))
 
