@@ -11,6 +11,7 @@ each float kernel as it goes.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -164,6 +165,21 @@ def _insert_adapters(targets: Dict[str, keras.layers.Layer], config: LoRAConfig,
             bar.update(i + 1)
 
 
+def _return_freed_memory() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing).
+
+    The replaced float kernels are freed into the heap, where the 4-bit storage created
+    meanwhile splits them into pieces that a later large tensor may not fit; unreturned,
+    they would stay in the process's memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc (musl)
+        pass
+
+
 def _check_rebuildable(model) -> None:
     try:
         model.get_config()
@@ -214,7 +230,8 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
             (made object by object and verified on a probe batch; only the
             weights of the replaced layers are not duplicated). True: `model`
             itself is adapted and returned, layer by layer, holding no second
-            copy of its weights (QLoRA frees each float kernel it quantizes).
+            copy of its weights (QLoRA frees each float kernel it quantizes, and
+            the freed memory goes back to the OS).
             Its traced functions and optimizer state are dropped.
         verbose: 1 shows a progress bar over the adapted layers, 0 none;
             default: 1 in an interactive terminal or notebook.
@@ -287,6 +304,7 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
             _check_rebuildable(model)
         work, work_targets = _copy(model, targets)
     _insert_adapters(work_targets, config, verbose)
+    _return_freed_memory()
     if inplace and isinstance(model, _compat.Functional) and type(model) is _compat.Functional:
         make_adapted(model, config)  # a plain Functional model becomes a LoRAModel
         return model
