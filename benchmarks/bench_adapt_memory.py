@@ -1,7 +1,7 @@
 """Host memory and time of QLoRA `adapt` on a large KerasHub model, in place vs copied (issue 9).
 
 Model: a KerasHub ``GemmaBackbone`` built from config (random weights, no download;
-about 213M float32 parameters at full size), adapted with
+221.5M float32 parameters at full size, 84 adapted kernels), adapted with
 ``tf_lora.adapt(model, LoRAConfig(rank=8, target_modules="all-linear",
 quantization=QLoRAConfig()), inplace=...)``. Each mode runs in its own fresh
 subprocess: ``inplace`` (``inplace=True``) and ``clone`` (the default
@@ -11,7 +11,9 @@ the adapted model would).
 F = the float32 bytes of the adapted kernels (``memory_report(model)["base_float32_bytes"]``).
 Reported per mode, as fractions of F:
 
-* peak: the process's peak RSS during ``adapt`` minus its RSS just before. The
+* peak: the process's peak RSS during ``adapt`` minus its RSS just before (taken
+  after ``gc.collect()`` and glibc's ``malloc_trim``, so that memory left free by
+  building the model is not counted as released by adapt). The
   peak is the kernel's high-water mark (``VmHWM``, reset through
   ``/proc/self/clear_refs`` just before adapt), or, where that reset is not
   allowed, the maximum of a thread sampling RSS every millisecond.
@@ -19,9 +21,11 @@ Reported per mode, as fractions of F:
   of F bytes is allocated through TensorFlow (one float32 tensor per adapted
   kernel, same sizes) and ``released = F - (RSS after the probe - RSS before
   adapt)``: memory freed by adapt counts whether it went back to the OS or stays
-  in TensorFlow's allocator pool for reuse (with oneDNN on, TensorFlow's default
-  on x86, freed tensors stay in its pool, so RSS alone would not show them). The
-  ideal for NF4 is 1 - 4.127/32 = 0.87.
+  in an allocator pool where TensorFlow reuses it (the BFC allocator keeps freed
+  tensors in its pool, so RSS alone would not show them; TensorFlow's default
+  allocator frees them into the C heap, which adapt hands back to the OS). The
+  ideal for NF4 is 1 - 4.127/32 = 0.87. In ``clone`` mode the float kernels are
+  freed only when the base model is deleted, after adapt has returned.
 * allocator: with ``TF_CPU_ALLOCATOR_USE_BFC=true``, TensorFlow's own count of live
   bytes (``get_memory_info("CPU:0")["current"]``) before minus after adapt, as a
   cross-check of the probe (n/a with the default allocator, which keeps no stats).
@@ -33,7 +37,7 @@ The subprocesses use TensorFlow's default CPU allocator unless
 ``TF_CPU_ALLOCATOR_USE_BFC`` is set in the environment.
 
 Usage:
-    python benchmarks/bench_adapt_memory.py            # ~213M parameters, a few minutes on 2 cores
+    python benchmarks/bench_adapt_memory.py            # 221.5M parameters, ~1 min per mode on 2 cores
     python benchmarks/bench_adapt_memory.py --quick    # a small Gemma, seconds (smoke test)
 """
 
@@ -219,6 +223,8 @@ def main(argv=None) -> int:
               f"{_fmt(r['peak_increase'], f_bytes):>7} {r['released'] / MIB:>13,.0f} "
               f"{_fmt(r['released'], f_bytes):>11} {_fmt(r['allocator_released'], f_bytes):>21} "
               f"{r['seconds']:>8.1f}")
+    print("peak = peak RSS during adapt - RSS before; released = F - (RSS after an F-byte TensorFlow probe "
+          "- RSS before), the probe allocated after adapt (clone: after deleting the base model).")
     inplace, clone = results["inplace"], results["clone"]
     print(f"ratios clone/inplace: peak {clone['peak_increase'] / max(inplace['peak_increase'], 1):.2f}, "
           f"adapt time {clone['seconds'] / inplace['seconds']:.2f}")
