@@ -1,7 +1,7 @@
 """The PEFT bridge (tf_lora.peft) against the real peer.
 
 Fixtures (tests/fixtures/peft/, made by make_peft_fixtures.py with torch 2.13.0+cpu,
-transformers 5.24.0, peft 0.21.2): tiny random Hugging Face checkpoints, PEFT adapters
+transformers 5.24.0, peft 0.21.2, bitsandbytes 0.50.2): tiny random Hugging Face checkpoints, PEFT adapters
 with random non-zero A and B, and PEFT's outputs. KerasHub reads the checkpoints offline
 with ``from_preset(dir)``; no torch is needed except for the live tests at the end,
 which skip without it.
@@ -228,6 +228,23 @@ def test_load_adapter_reads_a_peft_directory(tmp_path):
         tf_lora.load_adapter(model, str(other))
     for w, v in zip(before, model.weights):
         np.testing.assert_array_equal(w, v.numpy())
+
+
+def test_qlora_from_peft_reproduces_peft_with_bitsandbytes_nf4():
+    """PEFT + bitsandbytes NF4 (blocksize 64, double quantization) on the MLP projections
+    (make_peft_fixtures.make_qlora says why attention stays float there)."""
+    ref = np.load(_dir("llama_qlora", "ref.npz"))
+    lm = M.Llama3CausalLM(M.Llama3Backbone.from_preset(_dir("llama_qlora", "base")), preprocessor=None)
+    x = _inputs("llama", ref["tokens"])
+    model = tf_lora.from_peft(lm, _dir("llama_qlora", "adapter"), quantization=tf_lora.QLoRAConfig())
+    adapted = [l for _, l, _ in walk(model) if isinstance(l, LoRALayer)]
+    assert len(adapted) == 3 and all(isinstance(l, tf_lora.QLoRADense) for l in adapted)
+    assert np.max(np.abs(np.asarray(model(x)) - ref["peft_logits"])) <= ATOL
+    # Quantization matters at this size: the float adapter is far off.
+    float_model = tf_lora.from_peft(lm, _dir("llama_qlora", "adapter"))
+    assert np.max(np.abs(np.asarray(float_model(x)) - ref["peft_logits"])) > 0.05
+    with pytest.raises(TypeError, match="quantization"):
+        tf_lora.from_peft(lm, _dir("llama_qlora", "adapter"), quantization={"bits": 4})
 
 
 # -- export ---------------------------------------------------------------------------------------------

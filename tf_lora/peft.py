@@ -21,6 +21,7 @@ pickle (``adapter_model.bin``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from typing import Dict, Optional, Tuple
 import keras
 import numpy as np
 
-from tf_lora.config import LoRAConfig
+from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
 from tf_lora.peft_files import (CONFIG_FILE, ROOT, WEIGHTS_FILE, check_features, pattern_value,
                                 read_peft_directory, split_key, targets, write_peft_directory)
@@ -192,7 +193,8 @@ def assign(model, weights: Dict[str, Tuple[np.ndarray, np.ndarray]], adapter_nam
         lora_b.assign(b.astype(np.float32))
 
 
-def from_peft(model: keras.Model, directory: str, inplace: bool = False) -> keras.Model:
+def from_peft(model: keras.Model, directory: str, inplace: bool = False,
+              quantization: Optional[QLoRAConfig] = None) -> keras.Model:
     """`model` adapted with the PEFT LoRA adapter in `directory`, as an instance of its class.
 
     Args:
@@ -203,6 +205,9 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False) -> kera
             ``adapter_model.safetensors``). Keys saved from a ``*ForCausalLM``
             (``base_model.model.model.layers...``) also load into the bare Backbone.
         inplace: As for `tf_lora.adapt`.
+        quantization: A `tf_lora.QLoRAConfig` to store the adapted layers' base weights in
+            NF4 (QLoRA): an adapter trained with PEFT on a bitsandbytes NF4 model (blocksize
+            64, double quantization) then computes what it computes there.
 
     Returns:
         The adapted model: adapters sit on exactly the layers the adapter targets, and its
@@ -225,8 +230,12 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False) -> kera
     if isinstance(model, AdaptedModel):
         raise ValueError(f"Received an invalid value for `model`: {model.name!r} is already adapted. Pass the base "
                          "model, or load the weights into its adapter with tf_lora.load_adapter(model, directory).")
+    if quantization is not None and not isinstance(quantization, QLoRAConfig):
+        raise TypeError("Received an invalid value for `quantization`, expected None or a tf_lora.QLoRAConfig. "
+                        f"Received: quantization={quantization!r}")
     steps = plan(model, directory)
-    adapted = adapt(model, steps.config, inplace=inplace, verbose=0)
+    config = dataclasses.replace(steps.config, quantization=quantization)
+    adapted = adapt(model, config, inplace=inplace, verbose=0)
     assign(adapted, steps.weights)
     return adapted
 
