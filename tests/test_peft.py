@@ -378,7 +378,6 @@ def _hf_model(arch):
 def test_peft_loads_a_tf_lora_adapter_with_no_missing_or_unexpected_keys(arch, tmp_path):
     pytest.importorskip("torch", reason="the live PEFT tests need torch")
     peft = pytest.importorskip("peft", reason="the live PEFT tests need peft")
-    import torch
 
     config = tf_lora.LoRAConfig(rank=3, alpha=5, dropout=0.0, target_modules="all-linear",
                                 rank_pattern={"query": 2}, alpha_pattern={"value": 7})
@@ -397,14 +396,21 @@ def test_peft_loads_a_tf_lora_adapter_with_no_missing_or_unexpected_keys(arch, t
     peft_model.eval()
 
     tokens = _ref(arch)["tokens"]
+    ours = _outputs(arch, model, tokens)
+    # And through PEFT's own loading path.
+    loaded = peft.PeftModel.from_pretrained(_hf_model(arch), str(tmp_path / "adapter")).eval()
+    for theirs in (_torch_outputs(arch, peft_model, tokens), _torch_outputs(arch, loaded, tokens)):
+        for k in theirs:
+            assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
+    assert np.max(np.abs(ours["hidden"] - _ref(arch)["base_hidden"])) > 0.1
+
+
+def _torch_outputs(arch, peft_model, tokens):
+    import torch
+
     ids = torch.tensor(tokens)
     with torch.no_grad():
         if arch == "bert":
             out = peft_model(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids))
-            theirs = {"hidden": out.last_hidden_state.numpy(), "pooled": out.pooler_output.numpy()}
-        else:
-            theirs = {"hidden": peft_model.get_base_model().model(input_ids=ids).last_hidden_state.numpy()}
-    ours = _outputs(arch, model, tokens)
-    for k in theirs:
-        assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
-    assert np.max(np.abs(ours["hidden"] - _ref(arch)["base_hidden"])) > 0.1
+            return {"hidden": out.last_hidden_state.numpy(), "pooled": out.pooler_output.numpy()}
+        return {"hidden": peft_model.get_base_model().model(input_ids=ids).last_hidden_state.numpy()}
