@@ -25,6 +25,7 @@ from tf_lora.layers.chunked_op import chunked_attention
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
 from tf_lora.layers.qlora import QLoRADense, QLoRAEinsumDense
 from tf_lora.memory import memory_report, print_memory_report
+from tf_lora.peft import from_peft
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
 from tf_lora.train import AdaptedModel, LoRAModel
 
@@ -48,6 +49,7 @@ __all__ = sorted(
         "delete_adapter",
         "disable_adapter",
         "count_parameters",
+        "from_peft",
         "load_adapter",
         "memory_report",
         "merge",

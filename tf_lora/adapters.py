@@ -116,23 +116,48 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
-def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = None) -> int:
+def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = None, format: str = "tf_lora",
+                 base_model_name_or_path: Optional[str] = None) -> int:
     """Writes the adapter (and `modules_to_save`) weights of `model` to `path`.
 
     Args:
-        model: A model returned by `tf_lora.adapt`.
+        model: A model returned by `tf_lora.adapt` (or `tf_lora.from_peft`).
         path: Destination file (conventionally ``*.adapter``); replaced
             atomically, so an interrupted save leaves any previous file intact.
+            With ``format="peft"``, a folder (created if missing).
         adapter_name: Which adapter to save (default: the active one).
+        format: ``"tf_lora"`` (default): one safetensors file keyed by layer path,
+            with the `LoRAConfig`. ``"peft"``: a Hugging Face PEFT directory
+            (``adapter_config.json`` + ``adapter_model.safetensors``, Hugging Face
+            module names) that ``peft.PeftModel.from_pretrained`` and vLLM load, for
+            the KerasHub architectures in `tf_lora.peft_maps` (each file atomically).
+        base_model_name_or_path: With ``format="peft"``: the Hugging Face checkpoint
+            written into ``adapter_config.json``.
 
     Returns:
-        The file size in bytes.
+        The file size in bytes (with ``format="peft"``, of both files).
+
+    Raises:
+        ValueError: an unknown `format`; with ``format="peft"``, an adapter on a layer
+            without a Hugging Face name.
+        NotImplementedError: ``format="peft"`` for an architecture without a name map,
+            or with `modules_to_save`.
 
     Example:
         >>> save_adapter(model, "task_a.adapter")  # doctest: +SKIP
+        >>> save_adapter(model, "adapter_dir", format="peft")  # doctest: +SKIP
     """
     from safetensors.numpy import save
 
+    if format not in ("tf_lora", "peft"):
+        raise ValueError(f"Received an invalid value for `format`, expected 'tf_lora' or 'peft'. Received: format={format!r}")
+    if format == "peft":
+        from tf_lora import peft
+
+        _check_model(model)
+        return peft.save_peft(model, path, _adapter_name(model, adapter_name), base_model_name_or_path)
+    if base_model_name_or_path is not None:
+        raise ValueError("Received `base_model_name_or_path` with format='tf_lora'; it is only written with format='peft'.")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Received an invalid value for `path`, expected a file path. Received: path={path!r}")
     path = os.fspath(path)
@@ -261,9 +286,24 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
             names the field, the file's value and the model's. (A file saved
             from a model without a config is checked by keys and shapes only.)
 
+    A folder is read as a Hugging Face PEFT directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``): its targets, ranks, alphas and `use_rslora` must be
+    those of the model's adapter (else ValueError; `tf_lora.from_peft` adapts a base
+    model from such a folder).
+
     Example:
         >>> load_adapter(model, "task_a.adapter")  # doctest: +SKIP
     """
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        from tf_lora import peft
+
+        _check_model(model)
+        name = _adapter_name(model, adapter_name)
+        merged = [p for p, layer in _adapter_layers(model) if layer.merged]
+        if merged:
+            raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
+        peft.load_peft(model, path, name)
+        return
     tensors, metadata = _read_file(path)
     state = adapter_state(model, adapter_name)
     name = _adapter_name(model, adapter_name)

@@ -1,0 +1,346 @@
+"""Hugging Face PEFT adapters in and out of KerasHub models.
+
+A PEFT LoRA directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+with keys such as ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``:
+``lora_A`` is (r, in) and ``lora_B`` is (out, r) in torch's Linear layout. tf_lora's
+``lora_a`` is (input-side kernel axes..., r) and ``lora_b`` is (r, output-side kernel
+axes...), each in the kernel's own axis order, and KerasHub's converters lay a kernel out
+as ``W.T`` reshaped to exactly those axes, so
+
+    lora_a = A.T.reshape(in_axes + (r,))        lora_b = B.T.reshape((r,) + out_axes)
+
+and both sides scale by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Module names
+map through the per-architecture tables in `tf_lora.peft_maps`.
+
+Everything is read and checked before the model changes: an unsupported PEFT feature is
+a `NotImplementedError` naming the field, anything that does not fit the model a
+`ValueError` naming the file and the key. tf_lora reads safetensors only, never a
+pickle (``adapter_model.bin``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+import keras
+import numpy as np
+
+from tf_lora.config import LoRAConfig, QLoRAConfig
+from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
+from tf_lora.peft_files import (CONFIG_FILE, ROOT, WEIGHTS_FILE, check_features, pattern_value,
+                                read_peft_directory, split_key, targets, write_peft_directory)
+from tf_lora.peft_maps import MAPS, NameMap
+from tf_lora.surgery import walk
+
+
+# -- the model side ----------------------------------------------------------------------
+def architecture(model) -> Tuple[NameMap, keras.Model, str]:
+    """``(name map, backbone, backbone path prefix in model)`` of a KerasHub Task or Backbone."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Received an invalid value for `model`, expected a KerasHub Backbone or Task. "
+                        f"Received: model={type(model).__name__}")
+    backbone = getattr(model, "backbone", None)
+    backbone = backbone if isinstance(backbone, keras.Model) else model
+    names = [c.__name__ for c in type(backbone).__mro__]
+    for nmap in MAPS:
+        if any(n in names for n in nmap.backbones):
+            break
+    else:
+        supported = sorted(b for m in MAPS for b in m.backbones)
+        raise NotImplementedError(f"tf_lora has no Hugging Face name map for {type(backbone).__name__}. "
+                                  f"Supported KerasHub backbones: {supported}.")
+    prefix = "" if backbone is model else next(p + "/" for p, l, _ in walk(model) if l is backbone)
+    return nmap, backbone, prefix
+
+
+def module_names(nmap: NameMap, num_layers: int) -> Dict[str, str]:
+    """``{Hugging Face module name (relative to the base model): KerasHub path in the backbone}``."""
+    hf_block, keras_block = nmap.block
+    names = {hf_block.format(i=i) + hf: keras_block.format(i=i) + k
+             for i in range(num_layers) for hf, k in nmap.blocks.items()}
+    names.update(nmap.top)
+    return names
+
+
+def _lora_shapes(layer) -> Tuple[tuple, tuple]:
+    """(input-side axes, output-side axes) of the layer's LoRA factors, in the kernel's order."""
+    if isinstance(layer, LoRALayer):
+        return tuple(layer._lora_shapes[0]), tuple(layer._lora_shapes[1])
+    if isinstance(layer, keras.layers.EinsumDense):
+        _, _, _, in_axes, out_axes = _einsum_lora_equations(layer.equation)
+        dims = dict(zip(layer.equation.replace(" ", "").split("->")[0].split(",")[1], layer.kernel.shape))
+        return tuple(dims[c] for c in in_axes), tuple(dims[c] for c in out_axes)
+    if isinstance(layer, keras.layers.Dense):
+        return (int(layer.kernel.shape[0]),), (int(layer.kernel.shape[1]),)
+    raise ValueError(f"Layer {layer.name!r} of type {type(layer).__name__} is not a Dense or EinsumDense layer.")
+
+
+# -- the plan: everything checked, nothing changed ---------------------------------------------------------
+class Plan(collections.namedtuple("Plan", "config weights")):
+    """`config`: the tf_lora `LoRAConfig`; `weights`: ``{keras path: (lora_a, lora_b)}`` in tf_lora layout."""
+
+
+def plan(model, directory: str) -> Plan:
+    """Reads and checks a PEFT directory against `model`; changes nothing."""
+    config, tensors = read_peft_directory(directory)
+    config_path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    weights_path = os.path.join(os.fspath(directory), WEIGHTS_FILE)
+    check_features(config, config_path)
+    nmap, backbone, keras_prefix = architecture(model)
+    _check_base_model(config, nmap, config_path)
+    names = module_names(nmap, int(backbone.num_layers))
+    layers = {p: l for p, l, _ in walk(model)}
+    factors: Dict[str, Dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        module, kind = split_key(key, weights_path, config)
+        factors.setdefault(module, {})[kind] = value
+    prefix = _detect_prefix(nmap, names, factors, weights_path)
+    explicit = not isinstance(config["target_modules"], str) or config["target_modules"].lower() != "all-linear"
+    unsupported = {prefix + u: what for u, what in nmap.unsupported.items()}
+    unsupported.update(nmap.outer)
+    for full, what in unsupported.items():
+        if explicit:
+            if targets(config, full):
+                raise NotImplementedError(f"The PEFT adapter config {config_path!r} `target_modules` targets {full!r}, "
+                                          f"{what}, which tf_lora does not adapt yet.")
+    expected = {prefix + hf for hf in names if targets(config, prefix + hf)}
+    extra, missing = sorted(set(factors) - expected), sorted(expected - set(factors))
+    if extra:
+        raise ValueError(f"Adapter file {weights_path!r} holds weights for {extra[:5]}, which {config_path!r} "
+                         f"`target_modules` does not target.")
+    if missing:
+        raise ValueError(f"{config_path!r} targets {missing[:5]} but {weights_path!r} holds no weights for them.")
+    if not expected:
+        raise ValueError(f"Adapter file {weights_path!r} holds no LoRA weights.")
+    weights, ranks, alphas = {}, {}, {}
+    for module in sorted(expected):
+        path = keras_prefix + names[module[len(prefix):]]
+        layer = layers.get(path)
+        if layer is None:
+            raise ValueError(f"Adapter file {weights_path!r} key {module!r} maps to layer {path!r}, which the model lacks.")
+        pair = factors[module]
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"Adapter file {weights_path!r} has only {sorted(pair)} for module {module!r}.")
+        a, b = pair["lora_A"], pair["lora_B"]
+        rank = int(pattern_value(config.get("rank_pattern"), module, config["r"]))
+        in_shape, out_shape = _lora_shapes(layer)
+        want_a, want_b = (rank, math.prod(in_shape)), (math.prod(out_shape), rank)
+        if a.shape != want_a or b.shape != want_b:
+            raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}.lora_A/B.weight has shapes "
+                             f"{a.shape}/{b.shape}, expected {want_a}/{want_b} for layer {path!r} (rank {rank}).")
+        weights[path] = (a.T.reshape(in_shape + (rank,)), b.T.reshape((rank,) + out_shape))
+        ranks[path] = rank
+        alphas[path] = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+        lora_config = LoRAConfig(
+            rank=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
+            target_modules="(?:" + "|".join(re.escape(p) for p in weights) + ")",
+            use_rslora=bool(config.get("use_rslora", False)),
+            rank_pattern={p: v for p, v in ranks.items() if v != r},
+            alpha_pattern={p: v for p, v in alphas.items() if v != alpha},
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Received an invalid value for `directory`: {config_path!r} does not give a valid "
+                         f"LoRA configuration ({e}).") from None
+    return Plan(lora_config, weights)
+
+
+def _check_base_model(config: dict, nmap: NameMap, config_path: str) -> None:
+    """When `base_model_name_or_path` is a local checkpoint, its model_type must be this architecture's."""
+    base = config.get("base_model_name_or_path")
+    hf_config = os.path.join(base, "config.json") if isinstance(base, str) and base else None
+    if hf_config and os.path.isfile(hf_config):
+        try:
+            with open(hf_config, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return
+        if model_type and model_type not in nmap.model_types:
+            raise ValueError(f"The PEFT adapter {config_path!r} was made for a {model_type!r} model "
+                             f"({base!r}), but the model is a {nmap.name} model.")
+
+
+def _detect_prefix(nmap: NameMap, names: Dict[str, str], factors: dict, path: str) -> str:
+    """The base-model prefix (``"model."`` for a CausalLM) the file's module names use."""
+    for prefix in sorted(nmap.prefixes, key=len, reverse=True):
+        if factors and all(m.startswith(prefix) and m[len(prefix):] in names for m in factors):
+            return prefix
+    for module in sorted(factors):
+        rest = next((module[len(p):] for p in sorted(nmap.prefixes, key=len, reverse=True) if module.startswith(p)), module)
+        if rest not in names:
+            for u, what in {**nmap.unsupported, **nmap.outer}.items():
+                if rest == u or module == u:
+                    raise NotImplementedError(f"Adapter file {path!r} adapts {module!r}, {what}, which tf_lora does "
+                                              "not adapt yet.")
+            raise ValueError(f"Adapter file {path!r} key {ROOT + module}.lora_A.weight names a layer this "
+                             f"{nmap.name} model lacks (another architecture, or more layers than the model has?).")
+    raise ValueError(f"Adapter file {path!r} mixes module-name prefixes {sorted(nmap.prefixes)}.")
+
+
+# -- public entry points --------------------------------------------------------------
+def assign(model, weights: Dict[str, Tuple[np.ndarray, np.ndarray]], adapter_name: str = "default") -> None:
+    layers = {p: l for p, l, _ in walk(model)}
+    for path, (a, b) in weights.items():
+        lora_a, lora_b = layers[path].adapter_variables(adapter_name)
+        lora_a.assign(a.astype(np.float32))
+        lora_b.assign(b.astype(np.float32))
+
+
+def from_peft(model: keras.Model, directory: str, inplace: bool = False,
+              quantization: Optional[QLoRAConfig] = None) -> keras.Model:
+    """`model` adapted with the PEFT LoRA adapter in `directory`, as an instance of its class.
+
+    Args:
+        model: A KerasHub CausalLM / TextClassifier task or Backbone (Llama3, Qwen, Mistral,
+            Gemma, BERT) holding the base checkpoint the adapter was trained on, e.g. from
+            ``keras_hub.models.Llama3Backbone.from_preset("./hf-checkpoint")``.
+        directory: A PEFT adapter directory (``adapter_config.json`` +
+            ``adapter_model.safetensors``). Keys saved from a ``*ForCausalLM``
+            (``base_model.model.model.layers...``) also load into the bare Backbone.
+        inplace: As for `tf_lora.adapt`.
+        quantization: A `tf_lora.QLoRAConfig` to store the adapted layers' base weights in
+            NF4 (QLoRA): an adapter trained with PEFT on a bitsandbytes NF4 model (blocksize
+            64, double quantization) then computes what it computes there.
+
+    Returns:
+        The adapted model: adapters sit on exactly the layers the adapter targets, and its
+        outputs equal ``peft.PeftModel.from_pretrained(hf_model, directory)``'s.
+
+    Raises:
+        NotImplementedError: a PEFT feature tf_lora does not support (`use_dora`, `lora_bias`,
+            Embedding targets, ...) or an architecture without a name map.
+        ValueError: an unreadable directory, a non-LoRA `peft_type`, keys naming layers the
+            model lacks, shape mismatches. Nothing changes on any error.
+
+    Example:
+        >>> lm = keras_hub.models.Llama3CausalLM(                        # doctest: +SKIP
+        ...     keras_hub.models.Llama3Backbone.from_preset("./llama-hf"), preprocessor=None)
+        >>> lm = tf_lora.from_peft(lm, "./my-peft-adapter")              # doctest: +SKIP
+    """
+    from tf_lora.adapt import adapt
+    from tf_lora.train import AdaptedModel
+
+    if isinstance(model, AdaptedModel):
+        raise ValueError(f"Received an invalid value for `model`: {model.name!r} is already adapted. Pass the base "
+                         "model, or load the weights into its adapter with tf_lora.load_adapter(model, directory).")
+    if quantization is not None and not isinstance(quantization, QLoRAConfig):
+        raise TypeError("Received an invalid value for `quantization`, expected None or a tf_lora.QLoRAConfig. "
+                        f"Received: quantization={quantization!r}")
+    steps = plan(model, directory)
+    config = dataclasses.replace(steps.config, quantization=quantization)
+    adapted = adapt(model, config, inplace=inplace, verbose=0)
+    assign(adapted, steps.weights)
+    return adapted
+
+
+def load_peft(model, directory: str, adapter_name: str) -> None:
+    """Loads a PEFT directory into adapter `adapter_name` of an adapted model (see `load_adapter`)."""
+    from tf_lora.adapters import _adapter_layers
+
+    steps = plan(model, directory)
+    layers = {p: l for p, l in _adapter_layers(model) if adapter_name in l.adapter_names}
+    if set(layers) != set(steps.weights):
+        raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} targets other layers than adapter {adapter_name!r} "
+                         f"of this model: only in the adapter {sorted(set(steps.weights) - set(layers))[:5]}, only in "
+                         f"the model {sorted(set(layers) - set(steps.weights))[:5]}. Use tf_lora.from_peft on the base model.")
+    cfg = steps.config
+    for path, layer in layers.items():
+        spec = layer._spec(adapter_name)
+        want = dict(rank=cfg.rank_for(layer.name, path), alpha=cfg.alpha_for(layer.name, path), use_rslora=cfg.use_rslora)
+        for field, value in want.items():
+            if spec[field] != value:
+                raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} gives layer {path!r} {field}={value!r}, "
+                                 f"adapter {adapter_name!r} of the model has {field}={spec[field]!r}.")
+    assign(model, steps.weights, adapter_name)
+
+
+def _hf_name(nmap: NameMap, keras_path: str, num_layers: int) -> Optional[str]:
+    """The Hugging Face module name (relative to the base model) of a backbone path, or None."""
+    reverse = {k: hf for hf, k in module_names(nmap, num_layers).items()}
+    return reverse.get(keras_path)
+
+
+def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: Optional[str] = None
+                            ) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """``(adapter_config, {key: float32 array})`` PEFT loads for adapter `adapter_name` of `model`."""
+    from tf_lora.adapters import _adapter_layers
+
+    nmap, backbone, keras_prefix = architecture(model)
+    config = model.adapter_config(adapter_name) if hasattr(model, "adapter_config") else None
+    if config is not None and config.modules_to_save:
+        raise NotImplementedError("save_adapter(format='peft') does not write `modules_to_save` yet; "
+                                  f"the model's config has modules_to_save={config.modules_to_save!r}.")
+    num_layers = int(backbone.num_layers)
+    prefix = nmap.prefixes[0]
+    tensors, ranks, alphas, rslora = {}, {}, {}, set()
+    for path, layer in _adapter_layers(model):
+        if adapter_name not in layer.adapter_names:
+            continue
+        hf = _hf_name(nmap, path[len(keras_prefix):], num_layers) if path.startswith(keras_prefix) else None
+        if hf is None:
+            raise ValueError(f"Layer {path!r} has an adapter but no Hugging Face name in tf_lora's {nmap.name} "
+                             f"table ({sorted(nmap.blocks.values()) + sorted(nmap.top.values())}), so PEFT could not load it.")
+        spec = layer._spec(adapter_name)
+        a, b = (keras.ops.convert_to_numpy(v).astype(np.float32) for v in layer.adapter_variables(adapter_name))
+        r = int(spec["rank"])
+        module = prefix + hf
+        tensors[f"{ROOT}{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+        tensors[f"{ROOT}{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+        ranks[module], alphas[module] = r, float(spec["alpha"])
+        rslora.add(bool(spec["use_rslora"]))
+    if not tensors:
+        raise ValueError(f"Received an invalid value for `model`: {model.name!r} has no adapter {adapter_name!r} layers.")
+    if len(rslora) > 1:
+        raise ValueError("PEFT has one `use_rslora` per adapter; the layers of this adapter disagree.")
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    modules = sorted(ranks)
+    all_names = [prefix + hf for hf in module_names(nmap, num_layers)]
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    by_leaf = sorted(n for n in all_names if n.rsplit(".", 1)[-1] in leaves)
+    clash = any(u.rsplit(".", 1)[-1] in leaves for u in list(nmap.unsupported) + list(nmap.outer))
+    target_modules = leaves if by_leaf == modules and not clash else modules
+    dropout = float(config.dropout) if config is not None else 0.0
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": nmap.task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
+        "use_rslora": rslora.pop(),
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    return adapter_config, tensors
+
+
+def save_peft(model, directory: str, adapter_name: str, base_model_name_or_path: Optional[str] = None) -> int:
+    """Writes a PEFT directory (see `tf_lora.save_adapter`); returns the bytes written."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"Received an invalid value for `path`, expected a folder path. Received: path={directory!r}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError("Received an invalid value for `base_model_name_or_path`, expected None or a string. "
+                        f"Received: base_model_name_or_path={base_model_name_or_path!r}")
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"Received an invalid value for `path`: {directory!r} is a file, expected a folder.")
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"Received an invalid value for `path`: folder {parent!r} does not exist.")
+    adapter_config, tensors = peft_directory_contents(model, adapter_name, base_model_name_or_path)
+    return write_peft_directory(directory, adapter_config, tensors)

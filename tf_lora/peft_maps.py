@@ -1,0 +1,126 @@
+"""Hugging Face module names <-> KerasHub layer paths, one table per architecture (data only).
+
+Each table was read off KerasHub 0.32's own converter,
+``keras_hub/src/utils/transformers/convert_<arch>.py``: every ``port_weight(keras kernel,
+"<hf module>.weight", hook_fn)`` of an attention or MLP projection is one row here. Every
+converter hook is ``W.T`` reshaped to the kernel's input-side axes then its output-side
+axes (Gemma's reshape + transpose is the same thing written for its (heads, hidden,
+head_dim) kernel), which is the layout `tf_lora.peft` assumes; tests/test_peft.py checks
+it on every row against the real checkpoint.
+
+Names are relative to the Hugging Face base model (``LlamaModel``, ``BertModel``) and to
+the KerasHub Backbone. ``prefixes`` are where that base model sits inside the models
+PEFT wraps (``LlamaForCausalLM.model``, ``BertForSequenceClassification.bert``); the
+first one is written on export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """How one architecture's Hugging Face module names map onto KerasHub layer paths.
+
+    Attributes:
+        name: A short architecture name (for messages).
+        model_types: ``config.json`` ``model_type`` values of this architecture.
+        backbones: KerasHub Backbone class names (matched along the class's MRO).
+        prefixes: Module-name prefixes of the base model inside the task models PEFT
+            wraps; the first is the one `save_adapter(format="peft")` writes.
+        block: ``(hf, keras)`` prefix of one transformer block, with ``{i}`` its index.
+        blocks: Hugging Face name inside a block -> KerasHub path inside the block.
+        top: Hugging Face name outside the blocks -> KerasHub path in the backbone.
+        unsupported: Modules PEFT can target that tf_lora cannot adapt: name relative to
+            the base model (embeddings) -> what it is.
+        outer: The same for modules of the task model outside the base model (LM head,
+            classifier), named relative to the task model.
+        task_type: The PEFT ``task_type`` written on export.
+    """
+
+    name: str
+    model_types: Tuple[str, ...]
+    backbones: Tuple[str, ...]
+    prefixes: Tuple[str, ...]
+    block: Tuple[str, str]
+    blocks: Mapping[str, str]
+    top: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    outer: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    task_type: Optional[str] = None
+
+
+_DECODER_UNSUPPORTED = {"embed_tokens": "an Embedding target"}
+_DECODER_OUTER = {"lm_head": "the LM head (a tied or reversible embedding in KerasHub)"}
+
+# convert_llama3.py (Llama3Backbone), convert_qwen.py (QwenBackbone) and
+# convert_mistral.py (MistralBackbone) port the same seven projections to the same paths.
+_LLAMA_BLOCK = {
+    "self_attn.q_proj": "self_attention/query",
+    "self_attn.k_proj": "self_attention/key",
+    "self_attn.v_proj": "self_attention/value",
+    "self_attn.o_proj": "self_attention/attention_output",
+    "mlp.gate_proj": "feedforward_gate_dense",
+    "mlp.up_proj": "feedforward_intermediate_dense",
+    "mlp.down_proj": "feedforward_output_dense",
+}
+
+LLAMA = NameMap(
+    name="llama", model_types=("llama",), backbones=("Llama3Backbone", "LlamaBackbone"),
+    prefixes=("model.", ""), block=("layers.{i}.", "transformer_layer_{i}/"), blocks=_LLAMA_BLOCK,
+    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+)
+
+QWEN2 = NameMap(
+    name="qwen2", model_types=("qwen2",), backbones=("QwenBackbone",),
+    prefixes=("model.", ""), block=("layers.{i}.", "transformer_layer_{i}/"), blocks=_LLAMA_BLOCK,
+    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+)
+
+MISTRAL = NameMap(
+    name="mistral", model_types=("mistral",), backbones=("MistralBackbone",),
+    prefixes=("model.", ""), block=("layers.{i}.", "transformer_layer_{i}/"), blocks=_LLAMA_BLOCK,
+    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+)
+
+# convert_gemma.py (GemmaBackbone, model_type gemma and gemma2).
+GEMMA = NameMap(
+    name="gemma", model_types=("gemma", "gemma2"), backbones=("GemmaBackbone",),
+    prefixes=("model.", ""), block=("layers.{i}.", "decoder_block_{i}/"),
+    blocks={
+        "self_attn.q_proj": "attention/query",
+        "self_attn.k_proj": "attention/key",
+        "self_attn.v_proj": "attention/value",
+        "self_attn.o_proj": "attention/attention_output",
+        "mlp.gate_proj": "ffw_gating",
+        "mlp.up_proj": "ffw_gating_2",
+        "mlp.down_proj": "ffw_linear",
+    },
+    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+)
+
+# convert_bert.py (BertBackbone; the Hugging Face side is BertModel).
+BERT = NameMap(
+    name="bert", model_types=("bert",), backbones=("BertBackbone",),
+    prefixes=("", "bert."), block=("encoder.layer.{i}.", "transformer_layer_{i}/"),
+    blocks={
+        "attention.self.query": "self_attention_layer/query",
+        "attention.self.key": "self_attention_layer/key",
+        "attention.self.value": "self_attention_layer/value",
+        "attention.output.dense": "self_attention_layer/attention_output",
+        "intermediate.dense": "feedforward_intermediate_dense",
+        "output.dense": "feedforward_output_dense",
+    },
+    top={"pooler.dense": "pooled_dense"},
+    unsupported={
+        "embeddings.word_embeddings": "an Embedding target",
+        "embeddings.position_embeddings": "an Embedding target",
+        "embeddings.token_type_embeddings": "an Embedding target",
+    },
+    outer={"classifier": "a classification head outside the backbone"},
+    task_type="FEATURE_EXTRACTION",
+)
+
+MAPS: Tuple[NameMap, ...] = (LLAMA, QWEN2, MISTRAL, GEMMA, BERT)
