@@ -212,3 +212,13 @@ def copy_variable(variable) -> "keras.Variable":
         if attr in variable.__dict__:
             setattr(new, attr, variable.__dict__[attr])
     return new
+
+
+def optimizer_variable_index(optimizer, variable) -> int:
+    """The slot index a built Keras optimizer gives `variable` (a Keras or backend variable)."""
+    return optimizer._get_variable_index(variable)
+
+
+def optimizer_uses_weight_decay(optimizer, variable) -> bool:
+    """Whether `optimizer`'s decoupled weight decay applies to `variable` (exclusions honoured)."""
+    return optimizer.weight_decay is not None and optimizer._use_weight_decay(variable)
