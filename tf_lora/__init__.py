@@ -24,6 +24,8 @@ from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
 from tf_lora.layers.qlora import QLoRADense, QLoRAEinsumDense
+from tf_lora.loraplus import loraplus_optimizer
+from tf_lora.merging import add_weighted_adapter
 from tf_lora.memory import memory_report, print_memory_report
 from tf_lora.peft import from_peft
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
@@ -44,6 +46,8 @@ __all__ = sorted(
         "QLoRAEinsumDense",
         "__version__",
         "adapt",
+        "add_weighted_adapter",
+        "loraplus_optimizer",
         "chunked_attention",
         "add_adapter",
         "delete_adapter",
