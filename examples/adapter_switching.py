@@ -16,6 +16,16 @@ The story:
    base weights) and print each adapter's accuracy on both tasks: each adapter
    solves its own task and is at chance on the other one. The base weights are
    bit-for-bit unchanged and exist once; each adapter adds a few kilobytes.
+5. ``tf_lora.add_weighted_adapter(model, ["default", "topic"], [1, 1], "cat",
+   combination="cat")`` merges the two adapters into a third one (their updates
+   summed exactly, at rank 2r), and ``combination="ties"`` into a fourth; the report
+   shows each task's accuracy before and after merging. Here both adapters rewrite
+   every layer of a small trunk, so their updates interfere: the merged adapters keep
+   part of the topic task and lose most of the sentiment task (measured, see
+   examples/README.md).
+
+The head has two logits per task (columns 0-1 sentiment, 2-3 topic), and each
+adapter is trained on its own task's columns only, so a merged adapter can answer both.
 
 Run ``python examples/adapter_switching.py --help`` for the flags.
 """
@@ -126,14 +136,30 @@ def pretrain(args, tokens_train) -> tuple:
 
 
 def classifier(tokens, features) -> keras.Model:
-    """The base model for both tasks: pre-trained trunk + a new two-class head."""
+    """The base model for both tasks: pre-trained trunk + a new head, two logits per task."""
     pooled = keras.layers.GlobalAveragePooling1D(name="pool")(features)
-    return keras.Model(tokens, keras.layers.Dense(2, name="classifier")(pooled), name="sentence_classifier")
+    return keras.Model(tokens, keras.layers.Dense(2 * len(TASKS), name="classifier")(pooled),
+                       name="sentence_classifier")
+
+
+def task_logits(logits, task: str):
+    """The two logits of `task` (columns 0-1 sentiment, 2-3 topic)."""
+    i = 2 * TASKS.index(task)
+    return logits[:, i : i + 2]
+
+
+def task_loss(task: str):
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def loss(y_true, y_pred):
+        return cross_entropy(y_true, task_logits(y_pred, task))
+
+    return loss
 
 
 def adapter_config(args) -> tf_lora.LoRAConfig:
-    # LoRA on every projection and on the head (rank 2 on a 2-column kernel is a full
-    # update of the head): each adapter owns all of its task-specific weights.
+    # LoRA on every projection and on the head (rank 2: a full update of a task's two
+    # columns): each adapter owns all of its task-specific weights.
     return tf_lora.LoRAConfig(
         rank=args.rank, alpha=args.alpha, dropout=0.0,
         target_modules=("query", "key", "value", "attention_output", "ffn_up", "ffn_down", "classifier"),
@@ -170,11 +196,10 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------ main ---
-def train_adapter(model, name, x, y, args) -> float:
-    """Activates adapter `name`, compiles (the optimizer is per adapter) and trains it."""
+def train_adapter(model, name, task, x, y, args) -> float:
+    """Activates adapter `name`, compiles (the optimizer is per adapter) and trains it on `task`."""
     tf_lora.set_adapter(model, name)
-    model.compile(optimizer=keras.optimizers.AdamW(5e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=keras.optimizers.AdamW(5e-3), loss=task_loss(task))
     steps = args.steps * args.batch_size
     reps = -(-steps // len(x))
     print(f"Training adapter {name!r} ({args.steps} steps)...")
@@ -205,7 +230,7 @@ def main(argv=None) -> dict:
 
     train_seconds = {}
     for task, name in adapters.items():
-        train_seconds[task] = train_adapter(model, name, x_train, y_train[task], args)
+        train_seconds[task] = train_adapter(model, name, task, x_train, y_train[task], args)
         if task == "sentiment":  # to compare after training the other adapter and switching back
             sentiment_logits = model.predict(x_eval, batch_size=256, verbose=0)
     # Accuracy of every adapter on every task (the tasks label the same sentences, so
@@ -218,8 +243,15 @@ def main(argv=None) -> dict:
         tf_lora.set_adapter(model, name)
         switch_ms.append(1000 * (time.perf_counter() - t0))
         logits[task + " adapter"] = model.predict(x_eval, batch_size=256, verbose=0)
+    # Merge the two adapters into a third: "cat" (rank 2r, the exact sum of both updates) and
+    # "ties" (each factor pruned to its largest 10%, signs elected, disjoint mean).
+    for label, combination, density in (("merged (cat)", "cat", None), ("merged (ties, 0.1)", "ties", 0.1)):
+        tf_lora.add_weighted_adapter(model, list(adapters.values()), [1.0, 1.0], combination, combination=combination,
+                                     density=density)
+        tf_lora.set_adapter(model, combination)
+        logits[label] = model.predict(x_eval, batch_size=256, verbose=0)
     for row, values in logits.items():
-        table[row] = {t: float(np.mean(np.argmax(values, axis=-1) == y_eval[t])) for t in TASKS}
+        table[row] = {t: float(np.mean(np.argmax(task_logits(values, t), axis=-1) == y_eval[t])) for t in TASKS}
     tf_lora.set_adapter(model, "default")  # back to the first adapter: same outputs as right after its training
     again = model.predict(x_eval, batch_size=256, verbose=0)
 
