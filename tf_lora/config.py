@@ -174,6 +174,8 @@ class LoRAConfig:
             ``"loftq"`` (alternating NF4 quantization and rank-r SVD, see
             `loftq_iter`). `tf_lora.save_adapter` converts such adapters so
             that they apply to the original base (see its `to_original_base`).
+            As in PEFT, such a model inside `disable_adapter` computes the
+            residual base, not the original one.
         use_dora: Weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable
             magnitude per output unit, ``lora_magnitude``, times the direction
             ``(W + s*A@B) / ||W + s*A@B||`` (norm over the input axes, held
