@@ -126,6 +126,10 @@ def make_adapter(layer, config: LoRAConfig, path: str) -> LoRALayer:
         use_rslora=config.use_rslora,
         lora_init=config.init,
     )
+    if config.use_dora:  # only when asked: adapter classes without DoRA never see the argument
+        kwargs["use_dora"] = True
+    if config.init == "loftq":
+        kwargs["loftq_iter"] = config.loftq_iter
     if config.quantization is not None:
         if not qlora_name:
             raise NotImplementedError(f"No QLoRA layer is registered for {_describe(layer)} ('{path}').")
@@ -146,6 +150,23 @@ def _precheck(layer, path: str, config: LoRAConfig) -> None:
         _einsum_lora_equations(layer.equation)
     if config.quantization is not None and not qlora_name:
         raise NotImplementedError(f"No QLoRA layer is registered for {_describe(layer)} ('{path}').")
+    _check_variants(layer, path, config, _qlora_cls(qlora_name) if config.quantization is not None else lora_cls)
+
+
+def _check_variants(layer, path: str, config: LoRAConfig, cls: type) -> None:
+    """`use_dora` and `init` need the adapter class to implement them."""
+    if config.use_dora and not getattr(cls, "supports_dora", False):
+        raise NotImplementedError(
+            f"Received use_dora=True, but layer '{path}' of type {_describe(layer)} has no DoRA in tf_lora "
+            f"({cls.__name__}); DoRA is implemented for Dense and EinsumDense. Exclude the layer "
+            "(exclude_modules) or use use_dora=False."
+        )
+    inits = getattr(cls, "supported_inits", ("he_uniform", "gaussian"))
+    if config.init not in inits:
+        raise NotImplementedError(
+            f"Received init={config.init!r}, but layer '{path}' of type {_describe(layer)} ({cls.__name__}) "
+            f"supports only init in {tuple(inits)}."
+        )
 
 
 def _interactive() -> bool:

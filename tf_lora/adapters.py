@@ -4,6 +4,10 @@ An adapter file is a safetensors file holding only the `lora_` variables and
 the variables of `modules_to_save`, keyed by layer path (``"mha/query/lora_a"``,
 never by index), with the `LoRAConfig` as JSON metadata. It is written
 atomically, and loading checks every key and shape before assigning anything.
+
+Adapters whose init rewrote the frozen base (``init="pissa"``, ``"olora"``,
+``"loftq"``) are converted on save to a rank-2r adapter for the original base
+(see `save_adapter`), or marked as relative to the rewritten base.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from keras import ops
 from tf_lora import _compat, surgery
 from tf_lora.surgery import walk
 from tf_lora.config import LoRAConfig, matches
+from tf_lora import variants
 from tf_lora.layers.lora import LoRALayer
 
 FORMAT = "tf_lora.adapter"
@@ -67,6 +72,9 @@ def adapter_state(model, adapter_name: Optional[str] = None) -> Dict[str, keras.
         if name in layer.adapter_names:
             a, b = layer.adapter_variables(name)
             state[f"{path}/lora_a"], state[f"{path}/lora_b"] = a, b
+            magnitude = layer.adapter_magnitude(name)
+            if magnitude is not None:
+                state[f"{path}/lora_magnitude"] = magnitude
     config = getattr(model, "lora_config", None)
     if config is not None and config.modules_to_save:
         for path, layer, _ in walk(model):
@@ -116,8 +124,33 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+def _rewritten_layers(model, name: str) -> List[Tuple[str, LoRALayer]]:
+    """The adapter layers whose base adapter `name`'s init rewrote (they hold the initial factors)."""
+    return [(p, layer) for p, layer in _adapter_layers(model)
+            if name in layer.adapter_names and layer.adapter_init_pair(name) is not None]
+
+
+def _to_original_base(tensors: dict, config: Optional[LoRAConfig], rewritten, name: str):
+    """Rank-2r tensors ``[A | A0], [B ; -B0]`` and the matching config (rank and alpha
+    doubled, alpha times sqrt(2) with rsLoRA: the same scaling; init 'he_uniform')."""
+    tensors = dict(tensors)
+    for path, layer in rewritten:
+        a0, b0 = (ops.convert_to_numpy(v) for v in layer.adapter_init_pair(name))
+        a, b = tensors[f"{path}/lora_a"], tensors[f"{path}/lora_b"]
+        tensors[f"{path}/lora_a"], tensors[f"{path}/lora_b"] = (
+            np.ascontiguousarray(t) for t in variants.to_original_base(a, b, a0, b0))
+    if config is not None:
+        factor = 2 ** 0.5 if config.use_rslora else 2.0
+        config = dataclasses.replace(
+            config, init="he_uniform", rank=2 * config.rank, alpha=factor * config.alpha,
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()},
+        )
+    return tensors, config
+
+
 def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = None, format: str = "tf_lora",
-                 base_model_name_or_path: Optional[str] = None) -> int:
+                 base_model_name_or_path: Optional[str] = None, to_original_base: bool = True) -> int:
     """Writes the adapter (and `modules_to_save`) weights of `model` to `path`.
 
     Args:
@@ -133,6 +166,20 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
             the KerasHub architectures in `tf_lora.peft_maps` (each file atomically).
         base_model_name_or_path: With ``format="peft"``: the Hugging Face checkpoint
             written into ``adapter_config.json``.
+        to_original_base: Only for adapters whose init rewrote the frozen base
+            (``init="pissa"``, ``"olora"``, ``"loftq"``: the base is ``W - s A0 B0``).
+            True (default): write the rank-2r adapter ``[A | A0], [B ; -B0]`` whose
+            update ``s (A B - A0 B0)`` applies to the original `W` (PEFT's
+            ``path_initial_model_for_weight_conversion``), with rank and alpha doubled
+            in its config (alpha times sqrt(2) with rsLoRA) and init ``"he_uniform"``;
+            a DoRA magnitude is kept as is (the direction ``W_res + s A B`` is the same).
+            Exact for a float base. With an NF4 base, the trained model computes
+            ``dequant(Q) + s A B`` while the converted adapter on the float `W` gives
+            ``W - s A0 B0 + s A B``: they differ by ``W - dequant(Q) - s A0 B0``, the
+            init's reconstruction error (for LoftQ the error it minimized, below plain
+            NF4's; on a plain NF4 base of `W`, NF4's own error adds to it). False: write
+            `A`, `B` as trained, marked as relative to the rewritten base; `load_adapter`
+            then refuses a model whose base was not rewritten by the same init.
 
     Returns:
         The file size in bytes (with ``format="peft"``, of both files).
@@ -151,10 +198,18 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
 
     if format not in ("tf_lora", "peft"):
         raise ValueError(f"Received an invalid value for `format`, expected 'tf_lora' or 'peft'. Received: format={format!r}")
+    if not isinstance(to_original_base, bool):
+        raise TypeError(f"Received an invalid value for `to_original_base`, expected a bool. Received: to_original_base={to_original_base!r}")
     if format == "peft":
         from tf_lora import peft
 
         _check_model(model)
+        variant = [p for p, layer in _adapter_layers(model) if layer.adapter_magnitude(_adapter_name(model, adapter_name)) is not None
+                   or layer.adapter_init_pair(_adapter_name(model, adapter_name)) is not None]
+        if variant:
+            raise NotImplementedError(
+                "save_adapter(format='peft') writes plain LoRA adapters only; layers "
+                f"{variant[:5]} use DoRA (use_dora) or a base-rewriting init. Use format='tf_lora'.")
         return peft.save_peft(model, path, _adapter_name(model, adapter_name), base_model_name_or_path)
     if base_model_name_or_path is not None:
         raise ValueError("Received `base_model_name_or_path` with format='tf_lora'; it is only written with format='peft'.")
@@ -171,8 +226,14 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lora_config": json.dumps(config.to_dict() if config is not None else None),
     }
+    rewritten = _rewritten_layers(model, name)
+    if rewritten and to_original_base:
+        tensors, config = _to_original_base(tensors, config, rewritten, name)
+        metadata["converted_from_init"] = rewritten[0][1]._spec(name)["lora_init"]
+    elif rewritten:
+        metadata["base"] = "residual:" + rewritten[0][1]._spec(name)["lora_init"]
+    metadata["lora_config"] = json.dumps(config.to_dict() if config is not None else None)
     data = save(tensors, metadata=metadata)
     _atomic_write(path, data)
     return len(data)
@@ -232,7 +293,7 @@ def read_adapter_config(path: str) -> LoRAConfig:
     return config
 
 
-_CHECKED_FIELDS = ("rank", "alpha", "use_rslora")
+_CHECKED_FIELDS = ("rank", "alpha", "use_rslora", "use_dora")
 
 
 def _check_hyperparameters(model, name: str, config: LoRAConfig, path: str) -> None:
@@ -247,6 +308,7 @@ def _check_hyperparameters(model, name: str, config: LoRAConfig, path: str) -> N
             "rank": config.rank_for(layer.name, layer_path),
             "alpha": config.alpha_for(layer.name, layer_path),
             "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
         }
         for field in _CHECKED_FIELDS:
             if saved[field] != spec[field]:
@@ -260,6 +322,23 @@ def _check_hyperparameters(model, name: str, config: LoRAConfig, path: str) -> N
             f"Received an invalid value for `path`: adapter file {os.fspath(path)!r} was saved with "
             f"other hyper-parameters than adapter {name!r} of this model has: {lines}. Adapt the base "
             "model with the file's config (tf_lora.read_adapter_config(path)) to load it."
+        )
+
+
+def _check_base(model, name: str, metadata: dict, path: str) -> None:
+    """A file relative to a rewritten base (``to_original_base=False``) loads only where
+    the same init rewrote the base, and a plain file never loads onto a rewritten base."""
+    file_base = metadata.get("base", "original")
+    rewritten = _rewritten_layers(model, name)
+    model_base = "residual:" + rewritten[0][1]._spec(name)["lora_init"] if rewritten else "original"
+    if file_base != model_base:
+        describe = lambda b: "the original base" if b == "original" else f"a base rewritten by init={b.split(':')[1]!r}"  # noqa: E731
+        raise ValueError(
+            f"Received an invalid value for `path`: adapter file {os.fspath(path)!r} applies to "
+            f"{describe(file_base)}, but adapter {name!r} of this model sits on {describe(model_base)}. "
+            "Save with tf_lora.save_adapter(..., to_original_base=True) (the default) to get an adapter for "
+            "the original base, and load it into a model adapted with the file's config "
+            "(tf_lora.read_adapter_config(path))."
         )
 
 
@@ -285,6 +364,9 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
             `alpha_pattern` included), from that layer's adapter: the message
             names the field, the file's value and the model's. (A file saved
             from a model without a config is checked by keys and shapes only.)
+            Also a file saved with ``to_original_base=False`` (relative to a base
+            that PiSSA/OLoRA/LoftQ rewrote) for a model whose base the same init
+            did not rewrite, or a plain file for a model whose base was rewritten.
 
     A folder is read as a Hugging Face PEFT directory (``adapter_config.json`` +
     ``adapter_model.safetensors``): its targets, ranks, alphas and `use_rslora` must be
@@ -302,6 +384,11 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         merged = [p for p, layer in _adapter_layers(model) if layer.merged]
         if merged:
             raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
+        variant = [p for p, layer in _adapter_layers(model)
+                   if layer.adapter_magnitude(name) is not None or layer.adapter_init_pair(name) is not None]
+        if variant:
+            raise NotImplementedError(f"Cannot load a PEFT directory into adapter {name!r}: layers {variant[:5]} use "
+                                      "DoRA or a base-rewriting init, which tf_lora's PEFT format does not cover.")
         peft.load_peft(model, path, name)
         return
     tensors, metadata = _read_file(path)
@@ -310,6 +397,10 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     merged = [p for p, layer in _adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
+    config = _file_config(metadata, path)
+    if config is not None:  # hyper-parameters first: a clearer message than the keys they change
+        _check_hyperparameters(model, name, config, path)
+    _check_base(model, name, metadata, path)
     missing = sorted(set(state) - set(tensors))
     extra = sorted(set(tensors) - set(state))
     if missing or extra:
@@ -318,9 +409,6 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
             f"or target_modules?). Keys missing from the file: {missing[:10]}; keys in the file "
             f"but not in the model: {extra[:10]}."
         )
-    config = _file_config(metadata, path)
-    if config is not None:
-        _check_hyperparameters(model, name, config, path)
     wrong = [
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
         for k, v in state.items()

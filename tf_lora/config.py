@@ -13,7 +13,9 @@ import re
 import types
 from typing import Any, Mapping, Optional, Sequence, Union
 
-_INITS = ("he_uniform", "gaussian")
+_INITS = ("he_uniform", "gaussian", "pissa", "olora", "loftq")
+# Inits that rewrite the frozen base (it becomes a residual); see tf_lora/variants.py.
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq")
 _ATTENTION = (None, "chunked")
 
 
@@ -165,7 +167,20 @@ class LoRAConfig:
             (same matching rule). They are never adapted.
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
         init: ``"he_uniform"`` (default) or ``"gaussian"`` (normal, std 1/rank)
-            for `lora_a`; `lora_b` always starts at zero.
+            for `lora_a`, with `lora_b` at zero; or an init that rewrites the
+            frozen base so that outputs still equal the base model's:
+            ``"pissa"`` (A, B from the top-r SVD of W, base W - s*A@B),
+            ``"olora"`` (from a QR of W, as PEFT) or, with `quantization` only,
+            ``"loftq"`` (alternating NF4 quantization and rank-r SVD, see
+            `loftq_iter`). `tf_lora.save_adapter` converts such adapters so
+            that they apply to the original base (see its `to_original_base`).
+            As in PEFT, such a model inside `disable_adapter` computes the
+            residual base, not the original one.
+        use_dora: Weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable
+            magnitude per output unit, ``lora_magnitude``, times the direction
+            ``(W + s*A@B) / ||W + s*A@B||`` (norm over the input axes, held
+            constant in the backward pass, as PEFT).
+        loftq_iter: Alternations of ``init="loftq"`` (a positive integer, 1 as PEFT's default).
         rank_pattern: Per-layer ranks, ``{key: rank}``. A key is a layer name
             or a regex; when several apply, the most specific wins: a key equal
             to the layer's whole path, then one equal to its own name, then
@@ -193,6 +208,8 @@ class LoRAConfig:
     modules_to_save: Union[str, Sequence[str]] = ()
     use_rslora: bool = False
     init: str = "he_uniform"
+    use_dora: bool = False
+    loftq_iter: int = 1
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     quantization: Optional[QLoRAConfig] = None
@@ -219,6 +236,12 @@ class LoRAConfig:
             raise TypeError(_invalid("use_rslora", "a bool", self.use_rslora))
         if self.init not in _INITS:
             raise ValueError(_invalid("init", f"one of {_INITS}", self.init))
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(_invalid("use_dora", "a bool", self.use_dora))
+        if not _is_int(self.loftq_iter):
+            raise TypeError(_invalid("loftq_iter", "a positive integer", self.loftq_iter))
+        if self.loftq_iter <= 0:
+            raise ValueError(_invalid("loftq_iter", "a positive integer", self.loftq_iter))
         for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             value = getattr(self, field)
             if not isinstance(value, Mapping):
@@ -236,6 +259,10 @@ class LoRAConfig:
             object.__setattr__(self, field, types.MappingProxyType(dict(value)))
         if self.quantization is not None and not isinstance(self.quantization, QLoRAConfig):
             raise TypeError(_invalid("quantization", "None or a tf_lora.QLoRAConfig", self.quantization))
+        if self.init == "loftq" and self.quantization is None:
+            raise ValueError(_invalid(
+                "init", "'loftq' only together with quantization=tf_lora.QLoRAConfig() (LoftQ initializes "
+                "the adapter from the NF4 quantization error); without quantization use 'pissa'", self.init))
         if self.attention not in _ATTENTION:
             raise ValueError(_invalid("attention", "None or 'chunked'", self.attention))
         if self.max_attention_memory is not None:

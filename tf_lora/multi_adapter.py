@@ -60,6 +60,12 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     if not shared_base or config.attention is not None:
         raise ValueError("Received `quantization`/`attention` for an added adapter: they describe the shared base "
                          "model; leave them unset (None) or equal to the model's.")
+    from tf_lora.config import BASE_REWRITING_INITS
+
+    if config.init in BASE_REWRITING_INITS:
+        raise NotImplementedError(
+            f"Received init={config.init!r} for an added adapter: it rewrites the frozen base, which all "
+            "adapters of the model share. Use it in tf_lora.adapt, or 'he_uniform'/'gaussian' here.")
     targets = []
     for path, layer in model.adapter_layers():
         excluded = config.exclude_modules and matches(config.exclude_modules, layer.name, path)
@@ -70,10 +76,14 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
             f"Received an invalid value for `target_modules`: it matches none of the model's adapter layers "
             f"{[p for p, _ in model.adapter_layers()]}. Received: target_modules={config.target_modules!r}"
         )
+    no_dora = [f"{p} ({type(layer).__name__})" for p, layer in targets if config.use_dora and not layer.supports_dora]
+    if no_dora:
+        raise NotImplementedError(f"Received use_dora=True, but layers {no_dora[:5]} have no DoRA in tf_lora.")
     for path, layer in targets:
         layer.add_adapter(
             adapter_name, rank=config.rank_for(layer.name, path), alpha=config.alpha_for(layer.name, path),
             dropout=float(config.dropout), use_rslora=config.use_rslora, lora_init=config.init,
+            **({"use_dora": True} if config.use_dora else {}),
         )
     model._adapter_configs[adapter_name] = config
     model.reset_compiled_functions()

@@ -16,9 +16,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_lora import _compat
+from tf_lora import _compat, variants
+from tf_lora.layers import dora
 
-_INITS = ("he_uniform", "gaussian")
+_INITS = ("he_uniform", "gaussian", "pissa", "olora", "loftq")
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq")  # the frozen base becomes a residual
 DEFAULT_ADAPTER = "default"
 # Constructor arguments copied from the adapted layer and handed back by to_base_layer.
 _WEIGHT_OPTIONS = ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
@@ -32,7 +34,8 @@ def _invalid(name: str, expected: str, value: Any) -> str:
     )
 
 
-def _adapter_spec(rank=8, alpha=32.0, dropout=0.0, use_rslora=False, lora_init="he_uniform") -> dict:
+def _adapter_spec(rank=8, alpha=32.0, dropout=0.0, use_rslora=False, lora_init="he_uniform",
+                  use_dora=False) -> dict:
     """Validated hyper-parameters of one adapter."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(_invalid("rank", "a positive integer", rank))
@@ -42,8 +45,10 @@ def _adapter_spec(rank=8, alpha=32.0, dropout=0.0, use_rslora=False, lora_init="
         raise ValueError(_invalid("dropout", "a float in [0, 1)", dropout))
     if lora_init not in _INITS:
         raise ValueError(_invalid("lora_init", f"one of {_INITS}", lora_init))
+    if not isinstance(use_dora, bool):
+        raise TypeError(_invalid("use_dora", "a bool", use_dora))
     return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout),
-            "use_rslora": bool(use_rslora), "lora_init": lora_init}
+            "use_rslora": bool(use_rslora), "lora_init": lora_init, "use_dora": use_dora}
 
 
 def _scaling(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -62,6 +67,15 @@ class LoRALayer(keras.layers.Layer):
     ``lora_a_<name>``, ``lora_b_<name>``); `active_adapter` picks which one
     the forward pass uses (`None`: the base layer alone). Switching never
     touches the base weights.
+
+    DoRA (``use_dora=True``, layers with ``supports_dora``) adds a trainable
+    ``lora_magnitude`` (``lora_magnitude_<name>``) per adapter; see
+    `tf_lora.layers.dora`. The inits ``"pissa"``, ``"olora"`` and ``"loftq"``
+    (`from_layer` applies them, since they need the base weights) rewrite the
+    frozen base into a residual and keep the initial factors as non-trainable
+    ``lora_init_a`` / ``lora_init_b``, from which `tf_lora.save_adapter` converts
+    the adapter to one that applies to the original base. They belong to the
+    default adapter only (an added adapter cannot rewrite the shared base).
 
     Regularizers and constraints are those of the adapted layer (`from_layer`
     copies them, `to_base_layer` gives them back). The activity regularizer
@@ -84,6 +98,7 @@ class LoRALayer(keras.layers.Layer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         lora_init: str = "he_uniform",
+        use_dora: bool = False,
         merged: bool = False,
         activation: Any = None,
         adapters: Optional[dict] = None,
@@ -99,12 +114,17 @@ class LoRALayer(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        spec = _adapter_spec(rank, alpha, dropout, use_rslora, lora_init)
+        spec = _adapter_spec(rank, alpha, dropout, use_rslora, lora_init, use_dora)
+        if use_dora and not self.supports_dora:
+            raise NotImplementedError(_invalid("use_dora", f"False: {type(self).__name__} has no DoRA", use_dora))
+        if lora_init not in self.supported_inits:
+            raise NotImplementedError(_invalid("lora_init", f"one of {self.supported_inits} for {type(self).__name__}", lora_init))
         self.rank = spec["rank"]
         self.alpha = spec["alpha"]
         self.dropout = spec["dropout"]
         self.use_rslora = spec["use_rslora"]
         self.lora_init = spec["lora_init"]
+        self.use_dora = spec["use_dora"]
         self.merged = bool(merged)
         self.activation = keras.activations.get(activation)
         self.seed_generator = keras.random.SeedGenerator(name="lora_seed")
@@ -112,9 +132,15 @@ class LoRALayer(keras.layers.Layer):
         extra = {name: _adapter_spec(**cfg) for name, cfg in (adapters or {}).items()}
         object.__setattr__(self, "_extra_specs", extra)
         object.__setattr__(self, "_extra_vars", {})
+        object.__setattr__(self, "_magnitudes", {})  # adapter name -> lora_magnitude variable (DoRA)
+        object.__setattr__(self, "_init_pairs", {})  # adapter name -> (lora_init_a, lora_init_b)
+        object.__setattr__(self, "_dora_merge_norm", None)  # the norm an in-place DoRA merge divided by
         if active_adapter is not None and active_adapter != DEFAULT_ADAPTER and active_adapter not in extra:
             raise ValueError(_invalid("active_adapter", f"one of {[DEFAULT_ADAPTER, *extra]} or None", active_adapter))
         self.active_adapter = active_adapter
+
+    supports_dora = False  # subclasses that implement the hooks DoRA needs set True
+    supported_inits = ("he_uniform", "gaussian")
 
     @property
     def scaling(self) -> float:
@@ -136,12 +162,79 @@ class LoRALayer(keras.layers.Layer):
         b = self.add_weight(name="lora_b" + suffix, shape=(rank,) + tuple(out_shape), initializer="zeros", trainable=True)
         return a, b
 
+    def _make_adapter(self, name: str, spec: dict) -> None:
+        """Creates adapter `name`'s variables: the pair, the init pair, the DoRA magnitude."""
+        suffix = "" if name == DEFAULT_ADAPTER else f"_{name}"
+        pair = self._make_lora_pair(suffix, spec["rank"], spec["lora_init"])
+        if name == DEFAULT_ADAPTER:
+            self.lora_a, self.lora_b = pair
+        else:
+            self._extra_vars[name] = pair
+        if spec["lora_init"] in BASE_REWRITING_INITS:
+            self._init_pairs[name] = tuple(
+                self.add_weight(name=f"lora_init_{ab}{suffix}", shape=tuple(v.shape), initializer="zeros", trainable=False)
+                for ab, v in zip("ab", pair)
+            )
+        if spec["use_dora"]:
+            self._magnitudes[name] = self.add_weight(
+                name="lora_magnitude" + suffix, shape=self._lora_shapes[1], initializer="ones", trainable=True
+            )
+            if name == DEFAULT_ADAPTER:
+                self.lora_magnitude = self._magnitudes[name]
+            self.reset_magnitude(name)
+
     def _build_lora(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
         self._lora_shapes = (tuple(int(d) for d in in_shape), tuple(int(d) for d in out_shape))
-        self.lora_a, self.lora_b = self._make_lora_pair("", self.rank, self.lora_init)
+        self._make_adapter(DEFAULT_ADAPTER, self._spec(DEFAULT_ADAPTER))
         for name, spec in self._extra_specs.items():
-            self._extra_vars[name] = self._make_lora_pair(f"_{name}", spec["rank"], spec["lora_init"])
+            self._make_adapter(name, spec)
         self._set_trainable_flags()
+
+    # -- DoRA magnitude and base-rewriting inits ----------------------------
+    def reset_magnitude(self, name: Optional[str] = None) -> None:
+        """Sets DoRA's ``lora_magnitude`` of adapter `name` (default: the active one) to
+        ``||W + s A B||``, so that the layer's outputs equal those without DoRA."""
+        name = self.active_adapter if name is None else name
+        to_lora = lambda k: np.asarray(self._to_lora_layout(k))  # noqa: E731
+        norm = dora.np_weight_norm(to_lora(self.base_kernel_value()), to_lora(self.lora_delta(name)),
+                                   len(self._lora_shapes[0]))
+        self._magnitudes[name].assign(norm)
+
+    def _store_base(self, kernel: np.ndarray) -> None:
+        """Replaces the frozen base kernel (QLoRA layers quantize it)."""
+        self.kernel.assign(kernel)
+
+    _quant_dequant = None  # QLoRA layers: kernel -> dequantize(quantize(kernel)), what LoftQ alternates with
+
+    def _init_from_source(self, kernel: Any, loftq_iter: int = 1) -> None:
+        """Called by `from_layer` once the base is copied: applies a base-rewriting init
+        of the default adapter from the source's float `kernel`, then sets the DoRA
+        magnitudes to the norm of the adapted kernel."""
+        if self.lora_init in BASE_REWRITING_INITS:
+            self._rewrite_base(np.asarray(ops.convert_to_numpy(kernel), np.float32), loftq_iter)
+        for name in self._magnitudes:
+            self.reset_magnitude(name)
+
+    def _rewrite_base(self, kernel: np.ndarray, loftq_iter: int) -> None:
+        (in_shape, out_shape), r = self._lora_shapes, self.rank
+        n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+        if r > min(n_in, n_out):
+            raise ValueError(_invalid("rank", f"at most {min(n_in, n_out)} for init={self.lora_init!r} on layer "
+                                      f"'{self.name}' (its kernel is a {n_in} x {n_out} matrix)", r))
+        to_mat = lambda k: np.asarray(self._to_lora_layout(k)).reshape(n_in, n_out)  # noqa: E731
+        from_mat = lambda m: self._delta_to_kernel_layout(np.reshape(m, in_shape + out_shape))  # noqa: E731
+        w = to_mat(kernel)
+        if self.lora_init == "loftq":
+            if self._quant_dequant is None:
+                raise ValueError(_invalid("lora_init", f"'loftq' only on a QLoRA (NF4) layer, not {type(self).__name__}",
+                                          self.lora_init))
+            residual, a, b = variants.loftq(w, r, self.scaling, lambda m: to_mat(self._quant_dequant(from_mat(m))), loftq_iter)
+        else:
+            residual, a, b = getattr(variants, self.lora_init)(w, r, self.scaling)
+        self._store_base(from_mat(residual))
+        a, b = a.reshape(in_shape + (r,)), b.reshape((r,) + out_shape)
+        for var, value in zip((self.lora_a, self.lora_b, *self._init_pairs[DEFAULT_ADAPTER]), (a, b, a, b)):
+            var.assign(value)
 
     # -- several adapters --------------------------------------------------
     def adapter_variables(self, name: Optional[str] = None) -> tuple:
@@ -153,34 +246,54 @@ class LoRALayer(keras.layers.Layer):
             raise ValueError(_invalid("adapter_name", f"one of {self.adapter_names}", name))
         return self._extra_vars[name]
 
+    def adapter_magnitude(self, name: Optional[str] = None):
+        """DoRA's ``lora_magnitude`` variable of adapter `name` (None without DoRA)."""
+        return self._magnitudes.get(self.active_adapter if name is None else name)
+
+    def adapter_init_pair(self, name: Optional[str] = None):
+        """``(lora_init_a, lora_init_b)``: the factors a base-rewriting init started from (else None)."""
+        return self._init_pairs.get(self.active_adapter if name is None else name)
+
     def _spec(self, name: str) -> dict:
         if name == DEFAULT_ADAPTER:
-            return _adapter_spec(self.rank, self.alpha, self.dropout, self.use_rslora, self.lora_init)
+            return _adapter_spec(self.rank, self.alpha, self.dropout, self.use_rslora, self.lora_init, self.use_dora)
         return self._extra_specs[name]
 
+    def _trainable_of(self, name: str) -> list:
+        magnitude = self._magnitudes.get(name)
+        return list(self.adapter_variables(name)) + ([magnitude] if magnitude is not None else [])
+
     def active_variables(self) -> list:
-        """The adapter variables the forward pass uses now (trained by `fit`)."""
+        """The adapter variables the forward pass uses now (trained by `fit`):
+        ``lora_a``, ``lora_b`` and, with DoRA, ``lora_magnitude``."""
         if self.active_adapter is None or getattr(self, "lora_a", None) is None:
             return []
-        return list(self.adapter_variables(self.active_adapter))
+        return self._trainable_of(self.active_adapter)
 
     def _set_trainable_flags(self) -> None:
         active = {id(v) for v in self.active_variables()}
         for name in self.adapter_names:
             if name == DEFAULT_ADAPTER or name in self._extra_vars:
-                for v in self.adapter_variables(name):
+                for v in self._trainable_of(name):
                     v.trainable = id(v) in active
 
     def add_adapter(self, name: str, rank: int = 8, alpha: float = 32.0, dropout: float = 0.0,
-                    use_rslora: bool = False, lora_init: str = "he_uniform") -> None:
-        """Adds an inactive adapter `name` (zero `lora_b`: no effect until trained)."""
+                    use_rslora: bool = False, lora_init: str = "he_uniform", use_dora: bool = False) -> None:
+        """Adds an inactive adapter `name` (zero `lora_b`: no effect until trained; with
+        DoRA its magnitude starts at the norm of the current base kernel)."""
         if not isinstance(name, str) or not name.isidentifier() or name in self.adapter_names:
             raise ValueError(_invalid("adapter_name", f"a new identifier (existing: {self.adapter_names})", name))
-        spec = _adapter_spec(rank, alpha, dropout, use_rslora, lora_init)
+        spec = _adapter_spec(rank, alpha, dropout, use_rslora, lora_init, use_dora)
+        if lora_init in BASE_REWRITING_INITS:
+            raise NotImplementedError(_invalid(
+                "init", f"'he_uniform' or 'gaussian' for an added adapter ({lora_init!r} rewrites the frozen "
+                "base, which all adapters of a layer share; use it in tf_lora.adapt)", lora_init))
+        if use_dora and not self.supports_dora:
+            raise NotImplementedError(_invalid("use_dora", f"False: {type(self).__name__} has no DoRA", use_dora))
         self._extra_specs[name] = spec
         if self.built:
             with _compat.unlocked(self):
-                self._extra_vars[name] = self._make_lora_pair(f"_{name}", spec["rank"], spec["lora_init"])
+                self._make_adapter(name, spec)
         self._set_trainable_flags()
 
     def delete_adapter(self, name: str) -> None:
@@ -189,7 +302,10 @@ class LoRALayer(keras.layers.Layer):
             raise ValueError(_invalid("adapter_name", f"one of the added adapters {list(self._extra_specs)}", name))
         if name == self.active_adapter:
             raise ValueError(f"Adapter {name!r} of layer '{self.name}' is active; activate another one first.")
-        for var in self._extra_vars.pop(name, ()):
+        owned = [*self._extra_vars.pop(name, ()), *self._init_pairs.pop(name, ())]
+        if name in self._magnitudes:
+            owned.append(self._magnitudes.pop(name))
+        for var in owned:
             _compat.untrack_variable(self, var)
         del self._extra_specs[name]
 
@@ -211,7 +327,15 @@ class LoRALayer(keras.layers.Layer):
             lora_in = inputs
             if spec["dropout"] > 0 and training:
                 lora_in = keras.random.dropout(inputs, spec["dropout"], seed=self.seed_generator)
-            outputs = outputs + self._lora_apply(lora_in, a, b, _scaling(spec["rank"], spec["alpha"], spec["use_rslora"]))
+            scaling = _scaling(spec["rank"], spec["alpha"], spec["use_rslora"])
+            update = self._lora_apply(lora_in, a, b, scaling)
+            if spec["use_dora"]:
+                # PEFT's result_dora: (m/n - 1) * x W + (m/n) * s (x A) B, n held constant.
+                norm = dora.weight_norm(self._to_lora_layout(self._norm_kernel()), a, b, scaling, len(self._lora_shapes[0]))
+                scale = self._broadcast_out(ops.cast(dora.magnitude_scale(self._magnitudes[self.active_adapter], norm), outputs.dtype))
+                base = outputs if lora_in is inputs else self._base_call(lora_in)  # dropout: x W again, as PEFT
+                update = (scale - 1) * base + scale * ops.cast(update, outputs.dtype)
+            outputs = outputs + update
         if self.bias is not None:
             outputs = outputs + self.bias
         if self.activation is not None:
@@ -237,18 +361,50 @@ class LoRALayer(keras.layers.Layer):
     def _delta_to_kernel_layout(self, delta: np.ndarray) -> np.ndarray:
         return delta
 
+    # -- layout hooks (DoRA, inits): "LoRA layout" is (input-side axes..., output-side axes...)
+    def _to_lora_layout(self, kernel):
+        """The kernel (tensor or array) permuted to LoRA layout (a Dense kernel is already)."""
+        return kernel
+
+    def _broadcast_out(self, values):
+        """`values` shaped like the output-side axes, broadcastable against the outputs."""
+        return values
+
+    def _norm_kernel(self):
+        """The base kernel DoRA's norm uses, Keras layout (QLoRA: dequantized)."""
+        return self.kernel
+
+    def merged_delta(self, name: Optional[str] = None) -> np.ndarray:
+        """What a merge adds to the base kernel for adapter `name` (default: the active
+        one): `lora_delta`, or with DoRA ``m * (W + dW) / ||W + dW|| - W``."""
+        name = self.active_adapter if name is None else name
+        delta = self.lora_delta(name)
+        magnitude = self._magnitudes.get(name) if name is not None else None
+        if magnitude is None:
+            return delta
+        kernel = self.base_kernel_value()
+        to_lora = lambda k: np.asarray(self._to_lora_layout(k))  # noqa: E731
+        merged = dora.np_dora_kernel(to_lora(kernel), to_lora(delta), ops.convert_to_numpy(magnitude), len(self._lora_shapes[0]))
+        return self._delta_to_kernel_layout(merged) - kernel
+
     def merged_kernel(self) -> np.ndarray:
         """The kernel a plain layer needs to give this layer's outputs."""
         kernel = self.base_kernel_value()
-        return kernel if self.merged or self.active_adapter is None else kernel + self.lora_delta()
+        return kernel if self.merged or self.active_adapter is None else kernel + self.merged_delta()
 
     def merge(self) -> None:
-        """Folds the active adapter's ``scaling * lora_a @ lora_b`` into the frozen kernel."""
+        """Folds the active adapter into the frozen kernel: ``scaling * lora_a @ lora_b``,
+        or with DoRA the whole ``m * (W + s A B) / ||W + s A B||``."""
         if self.merged:
             raise ValueError(f"Layer '{self.name}' is already merged; call unmerge() first.")
         if self.active_adapter is None:
             raise ValueError(f"Layer '{self.name}' has no active adapter to merge.")
-        self.kernel.assign(self.base_kernel_value() + self.lora_delta())
+        if self.adapter_magnitude() is not None:
+            kernel, delta = self.base_kernel_value(), self.lora_delta()
+            norm = dora.np_weight_norm(np.asarray(self._to_lora_layout(kernel)), np.asarray(self._to_lora_layout(delta)),
+                                       len(self._lora_shapes[0]))
+            object.__setattr__(self, "_dora_merge_norm", norm)
+        self.kernel.assign(self.base_kernel_value() + self.merged_delta())
         self.merged = True
 
     def unmerge(self) -> None:
@@ -262,7 +418,19 @@ class LoRALayer(keras.layers.Layer):
         """
         if not self.merged:
             raise ValueError(f"Layer '{self.name}' is not merged; nothing to unmerge.")
-        self.kernel.assign(self.base_kernel_value() - self.lora_delta())
+        magnitude = self.adapter_magnitude()
+        if magnitude is None:
+            self.kernel.assign(self.base_kernel_value() - self.lora_delta())
+        elif self._dora_merge_norm is None:
+            raise NotImplementedError(
+                f"Cannot unmerge DoRA layer '{self.name}': the norm ||W + s*A@B|| it was merged with is not "
+                "known in this process (merged elsewhere, then saved); rebuild it from the unmerged model.")
+        else:  # W = W' * n / m - s A B, with the norm n kept from merge()
+            m = ops.convert_to_numpy(magnitude).astype(np.float64)
+            ratio = np.where(m != 0, self._dora_merge_norm / np.where(m != 0, m, 1.0), 0.0)
+            total = np.asarray(self._to_lora_layout(self.base_kernel_value())) * ratio
+            self.kernel.assign(self._delta_to_kernel_layout(total.astype(np.float32)) - self.lora_delta())
+            object.__setattr__(self, "_dora_merge_norm", None)
         self.merged = False
 
     # -- regularizers and constraints ------------------------------------------
@@ -316,6 +484,7 @@ class LoRALayer(keras.layers.Layer):
             dropout=self.dropout,
             use_rslora=self.use_rslora,
             lora_init=self.lora_init,
+            use_dora=self.use_dora,
             merged=self.merged,
             activation=keras.activations.serialize(self.activation),
             adapters={name: dict(spec) for name, spec in self._extra_specs.items()},

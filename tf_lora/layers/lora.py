@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_lora.layers.base import DEFAULT_ADAPTER, LoRALayer, _adapter_spec, _invalid, _scaling  # noqa: F401
+from tf_lora.layers.base import _INITS, DEFAULT_ADAPTER, LoRALayer, _adapter_spec, _invalid, _scaling  # noqa: F401
 
 from tf_lora._compat import analyze_einsum  # Keras' own shape analysis, so shapes match EinsumDense's
 
@@ -30,7 +30,9 @@ class LoRADense(LoRALayer):
         units: Output size.
         activation: Applied after the LoRA update is added.
         use_bias: Whether the (frozen) bias exists.
-        rank, alpha, dropout, use_rslora, lora_init: see `tf_lora.LoRAConfig`.
+        rank, alpha, dropout, use_rslora, lora_init, use_dora: see `tf_lora.LoRAConfig`
+            (`lora_init` is its `init`; `from_layer` applies ``"pissa"``/``"olora"``,
+            and ``"loftq"`` on `QLoRADense`, with ``loftq_iter=``).
         merged: Whether the kernel already contains the LoRA update.
         kernel_regularizer, bias_regularizer, activity_regularizer,
         kernel_constraint, bias_constraint: as for `keras.layers.Dense`; see
@@ -59,6 +61,9 @@ class LoRADense(LoRALayer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.bias = None
+
+    supports_dora = True
+    supported_inits = _INITS
 
     def _build_kernel(self, kernel_shape) -> None:
         """Creates the frozen base kernel (QLoRA layers store it in NF4 instead)."""
@@ -108,6 +113,7 @@ class LoRADense(LoRALayer):
         `layer` itself is not modified.
         """
         cls._check_source(layer, keras.layers.Dense, "Dense")
+        loftq_iter = kwargs.pop("loftq_iter", 1)
         new = cls(
             units=layer.units, activation=layer.activation, use_bias=layer.use_bias,
             rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_init=lora_init,
@@ -115,6 +121,7 @@ class LoRADense(LoRALayer):
         )
         new.build(cls.source_input_shape(layer))
         new._copy_base_weights(layer)
+        new._init_from_source(layer.kernel, loftq_iter)
         return new
 
     @classmethod
@@ -208,6 +215,9 @@ class LoRAEinsumDense(LoRALayer):
         self.full_output_shape = None
         self._built_shape = None
 
+    supports_dora = True
+    supported_inits = _INITS
+
     def build(self, input_shape):
         kernel_shape, bias_shape, full_output_shape = analyze_einsum(
             self.equation, self.bias_axes, input_shape, self.partial_output_shape
@@ -241,6 +251,20 @@ class LoRAEinsumDense(LoRALayer):
     def _delta_to_kernel_layout(self, delta: np.ndarray) -> np.ndarray:
         order = self._in_axes + self._out_axes
         return np.transpose(delta, [order.index(c) for c in self._k_sub])
+
+    def _to_lora_layout(self, kernel):
+        perm = [self._k_sub.index(c) for c in self._in_axes + self._out_axes]
+        return np.transpose(kernel, perm) if isinstance(kernel, np.ndarray) else ops.transpose(kernel, perm)
+
+    def _broadcast_out(self, values):
+        # values: (output-side axes, kernel order) -> the output's order, size 1 elsewhere.
+        out = self.equation.replace(" ", "").split("->")[1]
+        ndim = len(self.full_output_shape)
+        letters = out.replace("...", "." * (ndim - len(out.replace("...", ""))))
+        present = [c for c in letters if c in self._out_axes]
+        values = ops.transpose(values, [self._out_axes.index(c) for c in present])
+        dims = dict(zip(self._out_axes, self._lora_shapes[1]))
+        return ops.reshape(values, [dims[c] if c in self._out_axes else 1 for c in letters])
 
     def compute_output_shape(self, input_shape):
         _, _, full_output_shape = analyze_einsum(
@@ -289,6 +313,7 @@ class LoRAEinsumDense(LoRALayer):
         """A built `LoRAEinsumDense` carrying `layer`'s name, dtype policy, weights,
         regularizers and constraints (`kwargs` may override them)."""
         cls._check_source(layer, keras.layers.EinsumDense, "EinsumDense")
+        loftq_iter = kwargs.pop("loftq_iter", 1)
         new = cls(
             equation=layer.equation, output_shape=layer.partial_output_shape,
             activation=layer.activation, bias_axes=layer.bias_axes,
@@ -297,6 +322,7 @@ class LoRAEinsumDense(LoRALayer):
         )
         new.build(cls._input_shape_of(layer))
         new._copy_base_weights(layer)
+        new._init_from_source(layer.kernel, loftq_iter)
         return new
 
     def _copy_base_weights(self, layer) -> None:

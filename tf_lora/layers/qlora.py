@@ -169,6 +169,18 @@ class _NF4Base:
         torch_layout = self._dequantize()
         return tf.transpose(torch_layout, [*range(1, len(self.kernel_shape)), 0])
 
+    def _norm_kernel(self):
+        """DoRA's norm reads the kernel the layer computes with (dequantized, Keras layout)."""
+        return self._regularized_kernel()
+
+    def _store_base(self, kernel: np.ndarray) -> None:
+        self._set_base_kernel(kernel, self.name)
+
+    def _quant_dequant(self, kernel: np.ndarray) -> np.ndarray:
+        """``dequantize(quantize(kernel))`` with this layer's NF4 settings (LoftQ alternates with it)."""
+        cfg = self.quantization
+        return ops.convert_to_numpy(nf4.dequantize(nf4.quantize(kernel, cfg.group_size, cfg.double_quant, name=self.name)))
+
     def _cast_in(self, inputs):
         return tf.cast(inputs, self.base_compute_dtype)
 
