@@ -233,3 +233,12 @@ def test_matches_peft_add_weighted_adapter_on_the_same_weights():
             if method != "svd":  # SVD factors are defined up to signs; compare the update only
                 np.testing.assert_allclose(np.asarray(layer.adapter_variables(name)[0]),
                                            module.lora_A[name].weight.detach().numpy().T, atol=1e-6)
+
+
+def test_dora_adapters_are_refused_before_anything_changes():
+    keras.utils.set_random_seed(0)
+    model = tf_lora.adapt(mha_classifier(), tf_lora.LoRAConfig(rank=2, use_dora=True, target_modules=("ffn",)))
+    tf_lora.add_adapter(model, "b", tf_lora.LoRAConfig(rank=2, target_modules=("ffn",)))
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        tf_lora.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "m", combination="cat")
+    assert model.adapter_names == ["default", "b"]
