@@ -18,6 +18,7 @@ from tf_lora.adapters import (
     read_adapter_config,
     save_adapter,
 )
+from tf_lora.checkpointing import checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing
 from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.convert import use_chunked_attention
 from tf_lora.layers.attention import ChunkedAttention
@@ -46,6 +47,9 @@ __all__ = sorted(
         "QLoRAEinsumDense",
         "__version__",
         "adapt",
+        "checkpointed_blocks",
+        "disable_gradient_checkpointing",
+        "enable_gradient_checkpointing",
         "add_weighted_adapter",
         "loraplus_optimizer",
         "chunked_attention",

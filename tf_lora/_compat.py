@@ -222,3 +222,34 @@ def optimizer_variable_index(optimizer, variable) -> int:
 def optimizer_uses_weight_decay(optimizer, variable) -> bool:
     """Whether `optimizer`'s decoupled weight decay applies to `variable` (exclusions honoured)."""
     return optimizer.weight_decay is not None and optimizer._use_weight_decay(variable)
+
+
+def gradient_tape_recording() -> bool:
+    """Whether a gradient tape may record operations now (in a train step, eager or traced)."""
+    try:
+        from tensorflow.python.eager import tape as tape_lib
+
+        return bool(tape_lib.could_possibly_record())
+    except (ImportError, AttributeError):  # pragma: no cover - assume training
+        return True
+
+
+def current_call_context():
+    """Keras' call context of the layer call in progress (None outside one): it carries
+    `training` (and other propagated arguments) down to nested layers."""
+    from keras.src.backend.common import global_state
+
+    return global_state.get_global_attribute("current_call_ctx")
+
+
+@contextlib.contextmanager
+def call_context(context) -> Iterator[None]:
+    """Runs the body with Keras' call context set to `context` (restored afterwards)."""
+    from keras.src.backend.common import global_state
+
+    previous = global_state.get_global_attribute("current_call_ctx")
+    global_state.set_global_attribute("current_call_ctx", context)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("current_call_ctx", previous)

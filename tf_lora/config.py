@@ -180,6 +180,8 @@ class LoRAConfig:
             magnitude per output unit, ``lora_magnitude``, times the direction
             ``(W + s*A@B) / ||W + s*A@B||`` (norm over the input axes, held
             constant in the backward pass, as PEFT).
+        gradient_checkpointing: Recompute each transformer block's forward in the backward
+            pass instead of storing its activations (`tf_lora.enable_gradient_checkpointing`).
         loftq_iter: Alternations of ``init="loftq"`` (a positive integer, 1 as PEFT's default).
         rank_pattern: Per-layer ranks, ``{key: rank}``. A key is a layer name
             or a regex; when several apply, the most specific wins: a key equal
@@ -210,6 +212,7 @@ class LoRAConfig:
     init: str = "he_uniform"
     use_dora: bool = False
     loftq_iter: int = 1
+    gradient_checkpointing: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     quantization: Optional[QLoRAConfig] = None
@@ -238,6 +241,8 @@ class LoRAConfig:
             raise ValueError(_invalid("init", f"one of {_INITS}", self.init))
         if not isinstance(self.use_dora, bool):
             raise TypeError(_invalid("use_dora", "a bool", self.use_dora))
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise TypeError(_invalid("gradient_checkpointing", "a bool", self.gradient_checkpointing))
         if not _is_int(self.loftq_iter):
             raise TypeError(_invalid("loftq_iter", "a positive integer", self.loftq_iter))
         if self.loftq_iter <= 0:

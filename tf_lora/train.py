@@ -49,6 +49,10 @@ class AdaptedModel:
         object.__setattr__(self, "_active_adapter", active_adapter)
         object.__setattr__(self, "_saved_cache", None)
         self._freeze()
+        if lora_config.gradient_checkpointing:
+            from tf_lora.checkpointing import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(self)
         self.reset_compiled_functions()
 
     @property

@@ -1,0 +1,91 @@
+"""Gradient checkpointing (`LoRAConfig(gradient_checkpointing=True)`,
+`tf_lora.enable_gradient_checkpointing`): the same loss and gradients as without it
+(dropout on: the recomputation must draw the same masks and see the same `training`),
+generate unchanged, `.keras` round trip, and the peak-memory bound measured in fresh
+processes (memory, never time)."""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hub_models as H
+import tf_lora
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_checkpointing  # noqa: E402
+
+
+def _loss_and_grads(arch, checkpointing):
+    keras.utils.set_random_seed(0)
+    model = H.FACTORIES[arch]()
+    x = H.inputs(model)
+    adapted = tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, dropout=0.2, target_modules="all-linear",
+                                                       gradient_checkpointing=checkpointing))
+    for i, v in enumerate(adapted.lora_variables):
+        v.assign(np.random.default_rng(i).normal(0, 0.1, v.shape).astype("float32"))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            out = tf.nest.flatten(adapted(x, training=True))[0]
+            loss = tf.reduce_mean(tf.square(out))
+        return loss, tape.gradient(loss, [v.value for v in adapted.lora_variables])
+
+    return adapted, step(x)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma", "llama3", "bert"])
+def test_same_loss_and_gradients_with_dropout(arch):
+    _, (loss0, grads0) = _loss_and_grads(arch, False)
+    model, (loss1, grads1) = _loss_and_grads(arch, True)
+    blocks = tf_lora.checkpointed_blocks(model)
+    assert len(blocks) == 2 and all("transformer_layer" in b or "decoder_block" in b for b in blocks), blocks
+    assert float(loss0) == pytest.approx(float(loss1), abs=1e-7)
+    for g0, g1 in zip(grads0, grads1):
+        np.testing.assert_allclose(g1.numpy(), g0.numpy(), atol=1e-6)
+
+
+def test_generate_keras_round_trip_and_disable(tmp_path):
+    keras.utils.set_random_seed(0)
+    lm = tf_lora.adapt(H.gemma(), tf_lora.LoRAConfig(rank=2, target_modules=("query", "value"),
+                                                     gradient_checkpointing=True))
+    H.compile_greedy(lm)
+    for i, v in enumerate(lm.lora_variables):
+        v.assign(np.random.default_rng(i).normal(0, 0.1, v.shape).astype("float32"))
+    lm.reset_compiled_functions()
+    prompt = H.prompt()
+    tokens = lm.generate(prompt, stop_token_ids=None)
+    merged = tf_lora.merge(lm)
+    H.compile_greedy(merged)
+    np.testing.assert_array_equal(tokens["token_ids"], merged.generate(prompt, stop_token_ids=None)["token_ids"])
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    loaded = keras.models.load_model(path)
+    assert tf_lora.checkpointed_blocks(loaded) == tf_lora.checkpointed_blocks(lm)
+    tf_lora.disable_gradient_checkpointing(loaded)
+    assert tf_lora.checkpointed_blocks(loaded) == []
+
+
+def test_peak_memory_halves_in_fresh_processes():
+    off = bench_checkpointing.measure(False, seq=256, batch=4, layers=4, steps=1)
+    on = bench_checkpointing.measure(True, seq=256, batch=4, layers=4, steps=1)
+    assert on["peak_bytes"] <= 0.5 * off["peak_bytes"], (on["peak_bytes"], off["peak_bytes"])
+    np.testing.assert_allclose(on["losses"], off["losses"], atol=1e-5)
+    assert len(on["blocks"]) == 4
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="model"):
+        tf_lora.enable_gradient_checkpointing("model")
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(ValueError, match="blocks"):
+        tf_lora.enable_gradient_checkpointing(plain)
+    with pytest.raises(TypeError, match="blocks"):
+        tf_lora.enable_gradient_checkpointing(plain, blocks=3)
+    with pytest.raises(TypeError, match="gradient_checkpointing"):
+        tf_lora.LoRAConfig(gradient_checkpointing="yes")
