@@ -15,7 +15,7 @@ import math
 import os
 import re
 import struct
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ ROOT = "base_model.model."
 
 # Fields tf_lora reads (the rest must be empty / default: anything else is a feature it does not have).
 _READ = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora", "rank_pattern",
-         "alpha_pattern", "layers_to_transform", "layers_pattern", "peft_type"}
+         "alpha_pattern", "layers_to_transform", "layers_pattern", "peft_type", "modules_to_save", "ensure_weight_tying"}
 # Bookkeeping that does not change what the adapter computes (eva only chooses the initial A).
 _IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
             "megatron_core", "runtime_config", "qalora_group_size", "eva_config"}
@@ -165,6 +165,28 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def split_saved_key(key: str, config: dict) -> Optional[Tuple[str, str]]:
+    """``(module, parameter)`` of a `modules_to_save` weight, else None.
+
+    PEFT saves a module of `modules_to_save` (matched, as PEFT does, by the end of its
+    name) whole, as ``base_model.model.<module>.<parameter>``: the LM head's is
+    ``base_model.model.lm_head.weight``, with no ``modules_to_save.default`` left in it.
+    With ``ensure_weight_tying`` PEFT also saves the tied partner of a saved module (the LM
+    head of ``model.embed_tokens``) without naming it: any other weight is then one too.
+    """
+    rest = key[len(ROOT):] if key.startswith(ROOT) else None
+    if rest is None or ".lora_" in key or not config.get("modules_to_save"):
+        return None
+    for entry in config["modules_to_save"]:
+        match = re.fullmatch(rf"((?:.*\.)?{re.escape(entry)})\.(.+)", rest)
+        if match is not None:
+            return match.group(1), match.group(2)
+    if config.get("ensure_weight_tying") is True and "." in rest:
+        module, param = rest.rsplit(".", 1)
+        return module, param
+    return None
+
+
 def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
     """``(module name, "lora_A" | "lora_B")`` of a saved key; raises on anything else."""
     for kind in ("lora_A", "lora_B"):
@@ -176,9 +198,6 @@ def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
     for marker, feature in features:
         if marker in key:
             raise NotImplementedError(f"Adapter file {path!r} key {key!r} needs {feature}, which tf_lora does not support.")
-    if "lora_" not in key and config.get("modules_to_save"):
-        raise NotImplementedError(f"Adapter file {path!r} key {key!r} is a `modules_to_save` weight, which tf_lora "
-                                  "does not read from PEFT directories yet.")
     raise ValueError(f"Adapter file {path!r} key {key!r} is not a PEFT LoRA weight (expected "
                      f"'{ROOT}<module>.lora_A.weight' or '.lora_B.weight').")
 
