@@ -416,6 +416,9 @@ BAD = {
                                                             np.zeros((4, 64), "float32")}.items()),
                       NotImplementedError, "Embedding"),
     "peft_type": (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
+    "r_wrong_type": (lambda d: _edit_config(d, r=[4]), ValueError, "'r' is \\[4\\], expected a positive integer"),
+    "header_not_an_object": (lambda d: _weights(d).write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]"), ValueError,
+                             "header is a JSON list"),
     "no_config": (lambda d: os.remove(d / "adapter_config.json"), ValueError, "adapter_config.json"),
     "bad_json": (lambda d: (d / "adapter_config.json").write_text("{not json"), ValueError, "adapter_config.json"),
     "layer_the_model_lacks": (lambda d: _rewrite_keys(d, lambda t: ((k.replace("layers.1.", "layers.7."), v)

@@ -43,10 +43,14 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
         if n > len(data) - 8:
             raise ValueError(f"the header claims {n} bytes but the file has {len(data)}")
         header = json.loads(data[8 : 8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, expected an object")
         body, tensors = data[8 + n :], {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
+            if not isinstance(info, dict):
+                raise ValueError(f"key {key!r} has no tensor description")
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
                 raise ValueError(f"key {key!r} has dtype {info['dtype']}, expected F32, F16, BF16 or F64")
@@ -60,7 +64,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
             else:
                 array = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
             tensors[key] = array.astype(np.float32).reshape(info["shape"])
-    except (ValueError, KeyError, TypeError, struct.error) as e:
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
         raise ValueError(f"Received an invalid value for `directory`: {path!r} is not a readable safetensors "
                          f"file (truncated or corrupted: {e}).") from None
     return tensors
@@ -97,7 +101,61 @@ def read_peft_directory(directory: str) -> Tuple[dict, Dict[str, np.ndarray]]:
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"Received an invalid value for `directory`: {config_path!r} has no key {key!r}.")
+    check_types(config, config_path)
     return config, _read_safetensors(weights_path)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_regex(v) -> bool:
+    try:
+        re.compile(v)
+    except (re.error, TypeError, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _names(v, regex_if_str: bool) -> bool:
+    """A list of module-name strings, or (when allowed) one string that compiles as a regex."""
+    if isinstance(v, str):
+        return not regex_if_str or _is_regex(v)
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# field -> (what it must be, check); None is allowed for every field but `r` and `lora_alpha`.
+_TYPES = {
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a finite number", _is_number),
+    "target_modules": ("a list of module names, or a regex string", lambda v: _names(v, True)),
+    "exclude_modules": ("a list of module names, or a regex string", lambda v: _names(v, True)),
+    "modules_to_save": ("a list of module names", lambda v: _names(v, False) and not isinstance(v, str)),
+    "layers_pattern": ("a regex string or a list of them", lambda v: (
+        _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(x, str) and _is_regex(x) for x in v))),
+    "layers_to_transform": ("a layer index or a list of them", lambda v: (
+        _is_int(v) or isinstance(v, list) and all(_is_int(x) for x in v))),
+    "rank_pattern": ("an object of regex -> positive integer", lambda v: isinstance(v, dict) and all(
+        _is_regex(k) and _is_int(x) and x > 0 for k, x in v.items())),
+    "alpha_pattern": ("an object of regex -> finite number", lambda v: isinstance(v, dict) and all(
+        _is_regex(k) and _is_number(x) for k, x in v.items())),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "ensure_weight_tying": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+}
+
+
+def check_types(config: dict, path: str) -> None:
+    """ValueError naming the first field tf_lora reads whose value has the wrong type or range."""
+    for field, (expected, ok) in _TYPES.items():
+        value = config.get(field)
+        if (value is not None or field in ("r", "lora_alpha")) and not ok(value):
+            raise ValueError(f"Received an invalid value for `directory`: {path!r} key {field!r} is {value!r}, "
+                             f"expected {expected}.")
 
 
 def _empty(value) -> bool:
