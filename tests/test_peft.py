@@ -547,3 +547,28 @@ def test_peft_loads_tf_lora_modules_to_save(arch, saved, tmp_path):
                               str(tmp_path / "peft_saved"))
     for k, v in _outputs(arch, again, tokens).items():
         np.testing.assert_array_equal(v, ours[k])
+
+
+@pytest.mark.parametrize("saved", ["pooler", "pooler.dense"])
+def test_from_peft_reads_a_peft_made_bert_pooler_in_modules_to_save(saved, tmp_path):
+    """PEFT's "all-linear" + modules_to_save=["pooler"] puts no LoRA on pooler.dense and saves it
+    whole (``pooler.dense.weight`` / ``.bias``): KerasHub's pooled_dense, kernel transposed."""
+    torch = pytest.importorskip("torch", reason="the live PEFT tests need torch")
+    peft = pytest.importorskip("peft", reason="the live PEFT tests need peft")
+
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(_hf_model("bert"), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules="all-linear", modules_to_save=[saved], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.eval().save_pretrained(str(tmp_path / "adapter"))
+    model = tf_lora.from_peft(_backbone("bert"), str(tmp_path / "adapter"))
+    assert "pooled_dense" not in _adapter_paths(model)
+    assert [l.name for l in model.modules_to_save_layers()] == ["pooled_dense"]
+    tokens = _ref("bert")["tokens"]
+    ours, theirs = _outputs("bert", model, tokens), _torch_outputs("bert", peft_model, tokens)
+    for k in theirs:
+        assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
+    assert np.max(np.abs(ours["pooled"] - _ref("bert")["base_pooled"])) > 0.05

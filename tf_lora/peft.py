@@ -118,7 +118,9 @@ def plan(model, directory: str) -> Plan:
             if targets(config, full):
                 raise NotImplementedError(f"The PEFT adapter config {config_path!r} `target_modules` targets {full!r}, "
                                           f"{what}, which tf_lora does not adapt yet.")
-    expected = {prefix + hf for hf in names if targets(config, prefix + hf)}
+    # PEFT puts no LoRA inside a `modules_to_save` module ("all-linear" + modules_to_save=["pooler"]).
+    expected = {prefix + hf for hf in names if targets(config, prefix + hf)
+                and not any(prefix + hf == s or (prefix + hf).startswith(s + ".") for s in saved_factors)}
     extra, missing = sorted(set(factors) - expected), sorted(expected - set(factors))
     if extra:
         raise ValueError(f"Adapter file {weights_path!r} holds weights for {extra[:5]}, which {config_path!r} "
