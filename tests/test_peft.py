@@ -7,7 +7,8 @@ with ``from_preset(dir)``; no torch is needed except for the live tests at the e
 which skip without it.
 
 Tolerances (float32): outputs vs Hugging Face / PEFT 1e-4 (measured: ~1e-6 for the
-base checkpoints, <= 3e-5 with adapters); adapter weights exported after import equal
+base checkpoints, <= 3e-5 with adapters; modules_to_save: ~1e-6 for the LM head in and out, tied
+or not, and BERT's pooler); adapter weights exported after import equal
 PEFT's bit for bit (only reshapes and transposes happen).
 """
 

@@ -107,14 +107,16 @@ def saved_contents(model, config: Optional[LoRAConfig], nmap: NameMap, keras_pre
     for hf, (keras_path, table) in nmap.saved_outer.items():
         entries.setdefault(keras_path, []).append((hf, hf, table))
     tensors: Dict[str, np.ndarray] = {}
-    modules, seen, tied = [], set(), False
+    modules, tied = [], False
+    found: Dict[int, tuple] = {}  # a layer reached by two paths (a CausalLM's token_embedding) counts once
     for path, layer, _ in walk(model):
-        if id(layer) in seen or not matches(config.modules_to_save, layer.name, path):
-            continue
-        seen.add(id(layer))
+        if matches(config.modules_to_save, layer.name, path):
+            found.setdefault(id(layer), (layer, []))[1].append(path)
+    for layer, paths in found.values():
         tied = tied or bool(getattr(layer, "tie_weights", False))
-        rel = path[len(keras_prefix):] if path.startswith(keras_prefix) else None
-        if rel not in entries:
+        inside = [p[len(keras_prefix):] for p in paths if p.startswith(keras_prefix)]
+        path, rel = paths[0], next((r for r in inside if r in entries), None)
+        if rel is None:
             raise ValueError(f"Layer {path!r} is in `modules_to_save` but has no Hugging Face name in tf_lora's "
                              f"{nmap.name} table ({sorted(entries)}), so PEFT could not load it.")
         for name, module, table in entries[rel]:
