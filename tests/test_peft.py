@@ -7,7 +7,8 @@ with ``from_preset(dir)``; no torch is needed except for the live tests at the e
 which skip without it.
 
 Tolerances (float32): outputs vs Hugging Face / PEFT 1e-4 (measured: ~1e-6 for the
-base checkpoints, <= 3e-5 with adapters); adapter weights exported after import equal
+base checkpoints, <= 3e-5 with adapters; modules_to_save: ~1e-6 for the LM head in and out, tied
+or not, and BERT's pooler); adapter weights exported after import equal
 PEFT's bit for bit (only reshapes and transposes happen).
 """
 
@@ -247,6 +248,87 @@ def test_qlora_from_peft_reproduces_peft_with_bitsandbytes_nf4():
         tf_lora.from_peft(lm, _dir("llama_qlora", "adapter"), quantization={"bits": 4})
 
 
+# -- modules_to_save: the LM head (a KerasHub ReversibleEmbedding) and BERT's pooler ------------------------
+def _lm_head_ref():
+    return np.load(_dir("llama", "ref_lm_head.npz"))
+
+
+def test_modules_to_save_lm_head_equals_peft_on_the_causal_lm():
+    """PEFT's `modules_to_save=["lm_head"]` (saved as ``base_model.model.lm_head.weight``) on an
+    untied Llama is KerasHub's ``token_embedding.reverse_embeddings`` (transposed)."""
+    ref, lm = _lm_head_ref(), CAUSAL_LM["llama"](_backbone("llama"), preprocessor=None)
+    base_logits = np.asarray(lm(_inputs("llama", ref["tokens"])))
+    model = tf_lora.from_peft(lm, _dir("llama", "adapter_lm_head"))
+    logits = np.asarray(model(_inputs("llama", ref["tokens"])))
+    assert np.max(np.abs(logits - ref["peft_logits"])) <= ATOL
+    assert np.max(np.abs(base_logits - ref["peft_logits"])) > 0.1
+    assert model.modules_to_save_layers() == [model.backbone.token_embedding]
+    assert {v.path for v in model.lora_variables} >= {"token_embedding/embeddings", "token_embedding/reverse_embeddings"}
+    # The input table is the base's (PEFT saved only the head); the file's head is the reverse table.
+    head = load_file(_dir("llama", "adapter_lm_head", "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    np.testing.assert_array_equal(model.backbone.token_embedding.reverse_embeddings.numpy(), head.T)
+    np.testing.assert_array_equal(model.backbone.token_embedding.embeddings.numpy(),
+                                  lm.backbone.token_embedding.embeddings.numpy())
+
+
+def test_modules_to_save_lm_head_loads_into_the_backbone_too():
+    ref = _lm_head_ref()
+    model = tf_lora.from_peft(_backbone("llama"), _dir("llama", "adapter_lm_head"))
+    assert np.max(np.abs(_outputs("llama", model, ref["tokens"])["hidden"] - ref["peft_hidden"])) <= ATOL
+
+
+def test_modules_to_save_export_writes_the_head_and_the_input_table(tmp_path):
+    """The token embedding is PEFT's embed_tokens and lm_head at once: both are written, the
+    head bit for bit as PEFT saved it, and the directory loads back to the same model."""
+    model = tf_lora.from_peft(CAUSAL_LM["llama"](_backbone("llama"), preprocessor=None), _dir("llama", "adapter_lm_head"))
+    tf_lora.save_adapter(model, str(tmp_path / "out"), format="peft")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    original = load_file(_dir("llama", "adapter_lm_head", "adapter_model.safetensors"))
+    exported = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert sorted(exported) == sorted([*original, "base_model.model.model.embed_tokens.weight"])
+    for key, value in original.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    base = load_file(_dir("llama", "base", "model.safetensors"))["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(exported["base_model.model.model.embed_tokens.weight"], base)
+    tokens = _lm_head_ref()["tokens"]
+    again = tf_lora.from_peft(CAUSAL_LM["llama"](_backbone("llama"), preprocessor=None), str(tmp_path / "out"))
+    np.testing.assert_array_equal(np.asarray(again(_inputs("llama", tokens))), np.asarray(model(_inputs("llama", tokens))))
+    # load_adapter reads it into the adapted model; an adapter without the head does not fit.
+    tf_lora.load_adapter(again, str(tmp_path / "out"))
+    headless = tmp_path / "headless"
+    shutil.copytree(_dir("llama", "adapter_lm_head"), headless)
+    _edit_config(headless, modules_to_save=None)
+    _rewrite_keys(headless, lambda t: ((k, v) for k, v in t.items() if "lm_head" not in k))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        tf_lora.load_adapter(again, str(headless))
+
+
+def _with_head(directory, head):
+    _edit_config(directory, modules_to_save=["lm_head"])
+    _rewrite_keys(directory, lambda t: {**t, "base_model.model.lm_head.weight": head}.items())
+
+
+def test_modules_to_save_on_a_tied_embedding(tmp_path):
+    """Qwen2 here ties the LM head to the input embedding (KerasHub: one `embeddings` table).
+    PEFT trains a copy of the head, untied: only a head equal to the table maps, else
+    NotImplementedError naming the field; the model is unchanged either way."""
+    table = load_file(_dir("qwen2", "base", "model.safetensors"))["model.embed_tokens.weight"]
+    same = _copy_adapter("qwen2", tmp_path, "same")
+    _with_head(same, table)
+    model = tf_lora.from_peft(_backbone("qwen2"), str(same))
+    assert max(_max_diff("qwen2", model, _ref("qwen2"), "peft").values()) <= ATOL
+    other = _copy_adapter("qwen2", tmp_path, "other")
+    _with_head(other, table + 0.01)
+    base = _backbone("qwen2")
+    before = _snapshot(base)
+    with pytest.raises(NotImplementedError, match="modules_to_save.*tie"):
+        tf_lora.from_peft(base, str(other), inplace=True)
+    assert not isinstance(base, tf_lora.AdaptedModel)
+    for w, v in zip(before, base.weights):
+        np.testing.assert_array_equal(w, v.numpy())
+
+
 # -- export ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_adapter_peft_writes_what_peft_wrote(arch, tmp_path):
@@ -318,7 +400,16 @@ BAD = {
     "use_dora": (lambda d: _edit_config(d, use_dora=True), NotImplementedError, "use_dora"),
     "lora_bias": (lambda d: _edit_config(d, lora_bias=True), NotImplementedError, "lora_bias"),
     "pissa_init": (lambda d: _edit_config(d, init_lora_weights="pissa"), NotImplementedError, "init_lora_weights"),
-    "modules_to_save": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), NotImplementedError, "modules_to_save"),
+    "modules_to_save_without_weights": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), ValueError,
+                                        "modules_to_save"),
+    "modules_to_save_unmapped": (lambda d: (_edit_config(d, modules_to_save=["score"]), _rewrite_keys(
+        d, lambda t: {**t, "base_model.model.score.weight": np.zeros((2, 32), "float32")}.items())),
+        NotImplementedError, "modules_to_save"),
+    "modules_to_save_shape": (lambda d: (_edit_config(d, modules_to_save=["lm_head"]), _rewrite_keys(
+        d, lambda t: {**t, "base_model.model.lm_head.weight": np.zeros((63, 32), "float32")}.items())),
+        ValueError, "lm_head"),
+    "nan_weight": (lambda d: _rewrite_keys(d, lambda t: ((k, v * np.nan if "layers.1.mlp.up_proj.lora_B" in k else v)
+                                                         for k, v in t.items())), ValueError, "NaN"),
     "unknown_feature": (lambda d: _edit_config(d, use_something_new=True), NotImplementedError, "use_something_new"),
     "embedding_target": (lambda d: _edit_config(d, target_modules=["q_proj", "embed_tokens"]), NotImplementedError,
                          "embed_tokens"),
@@ -326,6 +417,9 @@ BAD = {
                                                             np.zeros((4, 64), "float32")}.items()),
                       NotImplementedError, "Embedding"),
     "peft_type": (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
+    "r_wrong_type": (lambda d: _edit_config(d, r=[4]), ValueError, "'r' is \\[4\\], expected a positive integer"),
+    "header_not_an_object": (lambda d: _weights(d).write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]"), ValueError,
+                             "header is a JSON list"),
     "no_config": (lambda d: os.remove(d / "adapter_config.json"), ValueError, "adapter_config.json"),
     "bad_json": (lambda d: (d / "adapter_config.json").write_text("{not json"), ValueError, "adapter_config.json"),
     "layer_the_model_lacks": (lambda d: _rewrite_keys(d, lambda t: ((k.replace("layers.1.", "layers.7."), v)
@@ -414,3 +508,68 @@ def _torch_outputs(arch, peft_model, tokens):
             out = peft_model(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids))
             return {"hidden": out.last_hidden_state.numpy(), "pooled": out.pooler_output.numpy()}
         return {"hidden": peft_model.get_base_model().model(input_ids=ids).last_hidden_state.numpy()}
+
+
+@pytest.mark.parametrize("arch,saved", [("llama", "token_embedding"), ("qwen2", "token_embedding"),
+                                        ("bert", "pooled_dense")], ids=["untied_head", "tied_head", "bert_pooler"])
+def test_peft_loads_tf_lora_modules_to_save(arch, saved, tmp_path):
+    """modules_to_save out of tf_lora: the token embedding (untied Llama, tied Qwen2) as PEFT's
+    embed_tokens + lm_head, BERT's pooled_dense as pooler.dense; PEFT computes what Keras does."""
+    torch = pytest.importorskip("torch", reason="the live PEFT tests need torch")
+    peft = pytest.importorskip("peft", reason="the live PEFT tests need peft")
+
+    base = _backbone(arch) if arch == "bert" else CAUSAL_LM[arch](_backbone(arch), preprocessor=None)
+    model = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, target_modules=("query", "value"), modules_to_save=(saved,)))
+    rng = np.random.default_rng(1)
+    for v in model.lora_variables:
+        v.assign(v.numpy() + rng.normal(0, 0.2 if "lora" in v.path else 0.05, v.shape).astype("float32"))
+    tf_lora.save_adapter(model, str(tmp_path / "adapter"), format="peft")
+    expected = {"token_embedding": ["embed_tokens", "lm_head"], "pooled_dense": ["pooler.dense"]}[saved]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == expected and config["ensure_weight_tying"] == (arch == "qwen2")
+
+    loaded = peft.PeftModel.from_pretrained(_hf_model(arch), str(tmp_path / "adapter")).eval()
+    tokens = _ref(arch)["tokens"]
+    ours = _outputs(arch, model, tokens)
+    if arch == "bert":
+        theirs = _torch_outputs(arch, loaded, tokens)
+    else:
+        with torch.no_grad():
+            theirs = {"logits": loaded(input_ids=torch.tensor(tokens)).logits.numpy()}
+    for k in theirs:
+        assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
+    # modules_to_save matter: without them the outputs are far off.
+    plain = _outputs(arch, base, tokens)
+    assert max(float(np.max(np.abs(plain[k] - theirs[k]))) for k in theirs) > 0.05
+    # And back: what PEFT itself saves from it (a tied head: `ensure_weight_tying`, modules_to_save
+    # rewritten to ["embed_tokens", "model.embed_tokens"], both tensors written) reads to the same model.
+    loaded.save_pretrained(str(tmp_path / "peft_saved"))
+    again = tf_lora.from_peft(_backbone(arch) if arch == "bert" else CAUSAL_LM[arch](_backbone(arch), preprocessor=None),
+                              str(tmp_path / "peft_saved"))
+    for k, v in _outputs(arch, again, tokens).items():
+        np.testing.assert_array_equal(v, ours[k])
+
+
+@pytest.mark.parametrize("saved", ["pooler", "pooler.dense"])
+def test_from_peft_reads_a_peft_made_bert_pooler_in_modules_to_save(saved, tmp_path):
+    """PEFT's "all-linear" + modules_to_save=["pooler"] puts no LoRA on pooler.dense and saves it
+    whole (``pooler.dense.weight`` / ``.bias``): KerasHub's pooled_dense, kernel transposed."""
+    torch = pytest.importorskip("torch", reason="the live PEFT tests need torch")
+    peft = pytest.importorskip("peft", reason="the live PEFT tests need peft")
+
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(_hf_model("bert"), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules="all-linear", modules_to_save=[saved], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.eval().save_pretrained(str(tmp_path / "adapter"))
+    model = tf_lora.from_peft(_backbone("bert"), str(tmp_path / "adapter"))
+    assert "pooled_dense" not in _adapter_paths(model)
+    assert [l.name for l in model.modules_to_save_layers()] == ["pooled_dense"]
+    tokens = _ref("bert")["tokens"]
+    ours, theirs = _outputs("bert", model, tokens), _torch_outputs("bert", peft_model, tokens)
+    for k in theirs:
+        assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
+    assert np.max(np.abs(ours["pooled"] - _ref("bert")["base_pooled"])) > 0.05

@@ -31,11 +31,12 @@ from typing import Dict, Optional, Tuple
 import keras
 import numpy as np
 
-from tf_lora.config import LoRAConfig, QLoRAConfig
+from tf_lora.config import LoRAConfig, QLoRAConfig, matches
 from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
 from tf_lora.peft_files import (CONFIG_FILE, ROOT, WEIGHTS_FILE, check_features, pattern_value,
-                                read_peft_directory, split_key, targets, write_peft_directory)
+                                read_peft_directory, split_key, split_saved_key, targets, write_peft_directory)
 from tf_lora.peft_maps import MAPS, NameMap
+from tf_lora.peft_saved import saved_contents, saved_weights
 from tf_lora.surgery import walk
 
 
@@ -82,8 +83,9 @@ def _lora_shapes(layer) -> Tuple[tuple, tuple]:
 
 
 # -- the plan: everything checked, nothing changed ---------------------------------------------------------
-class Plan(collections.namedtuple("Plan", "config weights")):
-    """`config`: the tf_lora `LoRAConfig`; `weights`: ``{keras path: (lora_a, lora_b)}`` in tf_lora layout."""
+class Plan(collections.namedtuple("Plan", "config weights saved")):
+    """`config`: the tf_lora `LoRAConfig`; `weights`: ``{keras path: (lora_a, lora_b)}`` in tf_lora layout;
+    `saved`: ``{keras path: {variable attribute: array}}`` of the `modules_to_save` layers."""
 
 
 def plan(model, directory: str) -> Plan:
@@ -97,7 +99,14 @@ def plan(model, directory: str) -> Plan:
     names = module_names(nmap, int(backbone.num_layers))
     layers = {p: l for p, l, _ in walk(model)}
     factors: Dict[str, Dict[str, np.ndarray]] = {}
+    saved_factors: Dict[str, Dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"Adapter file {weights_path!r} key {key!r} holds NaN or infinite values.")
+        saved = split_saved_key(key, config)
+        if saved is not None:
+            saved_factors.setdefault(saved[0], {})[saved[1]] = value
+            continue
         module, kind = split_key(key, weights_path, config)
         factors.setdefault(module, {})[kind] = value
     prefix = _detect_prefix(nmap, names, factors, weights_path)
@@ -109,7 +118,9 @@ def plan(model, directory: str) -> Plan:
             if targets(config, full):
                 raise NotImplementedError(f"The PEFT adapter config {config_path!r} `target_modules` targets {full!r}, "
                                           f"{what}, which tf_lora does not adapt yet.")
-    expected = {prefix + hf for hf in names if targets(config, prefix + hf)}
+    # PEFT puts no LoRA inside a `modules_to_save` module ("all-linear" + modules_to_save=["pooler"]).
+    expected = {prefix + hf for hf in names if targets(config, prefix + hf)
+                and not any(prefix + hf == s or (prefix + hf).startswith(s + ".") for s in saved_factors)}
     extra, missing = sorted(set(factors) - expected), sorted(expected - set(factors))
     if extra:
         raise ValueError(f"Adapter file {weights_path!r} holds weights for {extra[:5]}, which {config_path!r} "
@@ -137,6 +148,11 @@ def plan(model, directory: str) -> Plan:
         weights[path] = (a.T.reshape(in_shape + (rank,)), b.T.reshape((rank,) + out_shape))
         ranks[path] = rank
         alphas[path] = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    saved = saved_weights(nmap, prefix, keras_prefix, layers, saved_factors, config, config_path, weights_path)
+    both = sorted(set(saved) & set(weights))
+    if both:
+        raise NotImplementedError(f"The PEFT adapter {config_path!r} both adapts and saves (`modules_to_save`) "
+                                  f"layers {both}, which tf_lora does not support.")
     try:
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         lora_config = LoRAConfig(
@@ -145,11 +161,12 @@ def plan(model, directory: str) -> Plan:
             use_rslora=bool(config.get("use_rslora", False)),
             rank_pattern={p: v for p, v in ranks.items() if v != r},
             alpha_pattern={p: v for p, v in alphas.items() if v != alpha},
+            modules_to_save="(?:" + "|".join(re.escape(p) for p in saved) + ")" if saved else (),
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"Received an invalid value for `directory`: {config_path!r} does not give a valid "
                          f"LoRA configuration ({e}).") from None
-    return Plan(lora_config, weights)
+    return Plan(lora_config, weights, saved)
 
 
 def _check_base_model(config: dict, nmap: NameMap, config_path: str) -> None:
@@ -185,12 +202,16 @@ def _detect_prefix(nmap: NameMap, names: Dict[str, str], factors: dict, path: st
 
 
 # -- public entry points --------------------------------------------------------------
-def assign(model, weights: Dict[str, Tuple[np.ndarray, np.ndarray]], adapter_name: str = "default") -> None:
+def assign(model, steps: Plan, adapter_name: str = "default") -> None:
     layers = {p: l for p, l, _ in walk(model)}
-    for path, (a, b) in weights.items():
+    for path, (a, b) in steps.weights.items():
         lora_a, lora_b = layers[path].adapter_variables(adapter_name)
         lora_a.assign(a.astype(np.float32))
         lora_b.assign(b.astype(np.float32))
+    for path, variables in steps.saved.items():
+        for attr, value in variables.items():
+            variable = getattr(layers[path], attr)
+            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
 
 
 def from_peft(model: keras.Model, directory: str, inplace: bool = False,
@@ -210,12 +231,15 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
             64, double quantization) then computes what it computes there.
 
     Returns:
-        The adapted model: adapters sit on exactly the layers the adapter targets, and its
-        outputs equal ``peft.PeftModel.from_pretrained(hf_model, directory)``'s.
+        The adapted model: adapters sit on exactly the layers the adapter targets, its
+        `modules_to_save` (the LM head ``lm_head`` / ``embed_tokens``: KerasHub's
+        ``token_embedding``; BERT's ``pooler.dense``: ``pooled_dense``) hold the saved
+        weights, and its outputs equal ``peft.PeftModel.from_pretrained(hf_model, directory)``'s.
 
     Raises:
         NotImplementedError: a PEFT feature tf_lora does not support (`use_dora`, `lora_bias`,
-            Embedding targets, ...) or an architecture without a name map.
+            Embedding targets, a `modules_to_save` module with no KerasHub layer, a head that
+            differs from a tied embedding table, ...) or an architecture without a name map.
         ValueError: an unreadable directory, a non-LoRA `peft_type`, keys naming layers the
             model lacks, shape mismatches. Nothing changes on any error.
 
@@ -236,7 +260,7 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
     steps = plan(model, directory)
     config = dataclasses.replace(steps.config, quantization=quantization)
     adapted = adapt(model, config, inplace=inplace, verbose=0)
-    assign(adapted, steps.weights)
+    assign(adapted, steps)
     return adapted
 
 
@@ -250,6 +274,12 @@ def load_peft(model, directory: str, adapter_name: str) -> None:
         raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} targets other layers than adapter {adapter_name!r} "
                          f"of this model: only in the adapter {sorted(set(steps.weights) - set(layers))[:5]}, only in "
                          f"the model {sorted(set(layers) - set(steps.weights))[:5]}. Use tf_lora.from_peft on the base model.")
+    config = getattr(model, "lora_config", None)
+    selector = config.modules_to_save if config is not None else ()
+    kept = sorted({p for p, l, _ in walk(model) if selector and matches(selector, l.name, p)})
+    if kept != sorted(steps.saved):
+        raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} saves (`modules_to_save`) layers "
+                         f"{sorted(steps.saved)}, the model's `modules_to_save` are layers {kept}.")
     cfg = steps.config
     for path, layer in layers.items():
         spec = layer._spec(adapter_name)
@@ -258,7 +288,7 @@ def load_peft(model, directory: str, adapter_name: str) -> None:
             if spec[field] != value:
                 raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} gives layer {path!r} {field}={value!r}, "
                                  f"adapter {adapter_name!r} of the model has {field}={spec[field]!r}.")
-    assign(model, steps.weights, adapter_name)
+    assign(model, steps, adapter_name)
 
 
 def _hf_name(nmap: NameMap, keras_path: str, num_layers: int) -> Optional[str]:
@@ -274,11 +304,9 @@ def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: O
 
     nmap, backbone, keras_prefix = architecture(model)
     config = model.adapter_config(adapter_name) if hasattr(model, "adapter_config") else None
-    if config is not None and config.modules_to_save:
-        raise NotImplementedError("save_adapter(format='peft') does not write `modules_to_save` yet; "
-                                  f"the model's config has modules_to_save={config.modules_to_save!r}.")
     num_layers = int(backbone.num_layers)
     prefix = nmap.prefixes[0]
+    saved_tensors, saved_modules, tied = saved_contents(model, config, nmap, keras_prefix, prefix)
     tensors, ranks, alphas, rslora = {}, {}, {}, set()
     for path, layer in _adapter_layers(model):
         if adapter_name not in layer.adapter_names:
@@ -297,6 +325,7 @@ def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: O
         rslora.add(bool(spec["use_rslora"]))
     if not tensors:
         raise ValueError(f"Received an invalid value for `model`: {model.name!r} has no adapter {adapter_name!r} layers.")
+    tensors.update(saved_tensors)
     if len(rslora) > 1:
         raise ValueError("PEFT has one `use_rslora` per adapter; the layers of this adapter disagree.")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -323,7 +352,8 @@ def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: O
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": saved_modules or None,
+        "ensure_weight_tying": tied,
         "use_dora": False,
     }
     return adapter_config, tensors

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import struct
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ ROOT = "base_model.model."
 
 # Fields tf_lora reads (the rest must be empty / default: anything else is a feature it does not have).
 _READ = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora", "rank_pattern",
-         "alpha_pattern", "layers_to_transform", "layers_pattern", "peft_type"}
+         "alpha_pattern", "layers_to_transform", "layers_pattern", "peft_type", "modules_to_save", "ensure_weight_tying"}
 # Bookkeeping that does not change what the adapter computes (eva only chooses the initial A).
 _IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
             "megatron_core", "runtime_config", "qalora_group_size", "eva_config"}
@@ -43,10 +43,14 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
         if n > len(data) - 8:
             raise ValueError(f"the header claims {n} bytes but the file has {len(data)}")
         header = json.loads(data[8 : 8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, expected an object")
         body, tensors = data[8 + n :], {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
+            if not isinstance(info, dict):
+                raise ValueError(f"key {key!r} has no tensor description")
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
                 raise ValueError(f"key {key!r} has dtype {info['dtype']}, expected F32, F16, BF16 or F64")
@@ -60,7 +64,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
             else:
                 array = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
             tensors[key] = array.astype(np.float32).reshape(info["shape"])
-    except (ValueError, KeyError, TypeError, struct.error) as e:
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
         raise ValueError(f"Received an invalid value for `directory`: {path!r} is not a readable safetensors "
                          f"file (truncated or corrupted: {e}).") from None
     return tensors
@@ -97,7 +101,61 @@ def read_peft_directory(directory: str) -> Tuple[dict, Dict[str, np.ndarray]]:
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"Received an invalid value for `directory`: {config_path!r} has no key {key!r}.")
+    check_types(config, config_path)
     return config, _read_safetensors(weights_path)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_regex(v) -> bool:
+    try:
+        re.compile(v)
+    except (re.error, TypeError, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _names(v, regex_if_str: bool) -> bool:
+    """A list of module-name strings, or (when allowed) one string that compiles as a regex."""
+    if isinstance(v, str):
+        return not regex_if_str or _is_regex(v)
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# field -> (what it must be, check); None is allowed for every field but `r` and `lora_alpha`.
+_TYPES = {
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a finite number", _is_number),
+    "target_modules": ("a list of module names, or a regex string", lambda v: _names(v, True)),
+    "exclude_modules": ("a list of module names, or a regex string", lambda v: _names(v, True)),
+    "modules_to_save": ("a list of module names", lambda v: _names(v, False) and not isinstance(v, str)),
+    "layers_pattern": ("a regex string or a list of them", lambda v: (
+        _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(x, str) and _is_regex(x) for x in v))),
+    "layers_to_transform": ("a layer index or a list of them", lambda v: (
+        _is_int(v) or isinstance(v, list) and all(_is_int(x) for x in v))),
+    "rank_pattern": ("an object of regex -> positive integer", lambda v: isinstance(v, dict) and all(
+        _is_regex(k) and _is_int(x) and x > 0 for k, x in v.items())),
+    "alpha_pattern": ("an object of regex -> finite number", lambda v: isinstance(v, dict) and all(
+        _is_regex(k) and _is_number(x) for k, x in v.items())),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "ensure_weight_tying": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+}
+
+
+def check_types(config: dict, path: str) -> None:
+    """ValueError naming the first field tf_lora reads whose value has the wrong type or range."""
+    for field, (expected, ok) in _TYPES.items():
+        value = config.get(field)
+        if (value is not None or field in ("r", "lora_alpha")) and not ok(value):
+            raise ValueError(f"Received an invalid value for `directory`: {path!r} key {field!r} is {value!r}, "
+                             f"expected {expected}.")
 
 
 def _empty(value) -> bool:
@@ -165,6 +223,28 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def split_saved_key(key: str, config: dict) -> Optional[Tuple[str, str]]:
+    """``(module, parameter)`` of a `modules_to_save` weight, else None.
+
+    PEFT saves a module of `modules_to_save` (matched, as PEFT does, by the end of its
+    name) whole, as ``base_model.model.<module>.<parameter>``: the LM head's is
+    ``base_model.model.lm_head.weight``, with no ``modules_to_save.default`` left in it.
+    With ``ensure_weight_tying`` PEFT also saves the tied partner of a saved module (the LM
+    head of ``model.embed_tokens``) without naming it: any other weight is then one too.
+    """
+    rest = key[len(ROOT):] if key.startswith(ROOT) else None
+    if rest is None or ".lora_" in key or not config.get("modules_to_save"):
+        return None
+    for entry in config["modules_to_save"]:
+        match = re.fullmatch(rf"((?:.*\.)?{re.escape(entry)})\.(.+)", rest)
+        if match is not None:
+            return match.group(1), match.group(2)
+    if config.get("ensure_weight_tying") is True and "." in rest:
+        module, param = rest.rsplit(".", 1)
+        return module, param
+    return None
+
+
 def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
     """``(module name, "lora_A" | "lora_B")`` of a saved key; raises on anything else."""
     for kind in ("lora_A", "lora_B"):
@@ -176,9 +256,6 @@ def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
     for marker, feature in features:
         if marker in key:
             raise NotImplementedError(f"Adapter file {path!r} key {key!r} needs {feature}, which tf_lora does not support.")
-    if "lora_" not in key and config.get("modules_to_save"):
-        raise NotImplementedError(f"Adapter file {path!r} key {key!r} is a `modules_to_save` weight, which tf_lora "
-                                  "does not read from PEFT directories yet.")
     raise ValueError(f"Adapter file {path!r} key {key!r} is not a PEFT LoRA weight (expected "
                      f"'{ROOT}<module>.lora_A.weight' or '.lora_B.weight').")
 

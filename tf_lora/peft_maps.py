@@ -37,7 +37,18 @@ class NameMap:
             the base model (embeddings) -> what it is.
         outer: The same for modules of the task model outside the base model (LM head,
             classifier), named relative to the task model.
+        saved: `modules_to_save` modules PEFT saves whole: Hugging Face module name
+            (relative to the base model) -> ``(KerasHub path in the backbone, {Hugging Face
+            parameter: KerasHub variable})``; a variable ending in ``.T`` holds the
+            parameter transposed (torch Linear (out, in) vs Keras (in, out)).
+        saved_outer: The same for modules of the task model outside the base model,
+            named relative to the task model (the LM head).
         task_type: The PEFT ``task_type`` written on export.
+
+    A KerasHub ``ReversibleEmbedding`` is both the input embedding and the LM head: untied,
+    ``embeddings`` is ``embed_tokens.weight`` and ``reverse_embeddings`` is
+    ``lm_head.weight.T``; tied (``tie_weights``, Gemma always), both Hugging Face tensors
+    are its one ``embeddings`` table, so they must be equal (`tf_lora.peft` checks).
     """
 
     name: str
@@ -49,11 +60,19 @@ class NameMap:
     top: Mapping[str, str] = dataclasses.field(default_factory=dict)
     unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
     outer: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    saved: Mapping[str, Tuple[str, Mapping[str, str]]] = dataclasses.field(default_factory=dict)
+    saved_outer: Mapping[str, Tuple[str, Mapping[str, str]]] = dataclasses.field(default_factory=dict)
     task_type: Optional[str] = None
 
 
 _DECODER_UNSUPPORTED = {"embed_tokens": "an Embedding target"}
 _DECODER_OUTER = {"lm_head": "the LM head (a tied or reversible embedding in KerasHub)"}
+# convert_llama3.py / convert_qwen.py / convert_mistral.py / convert_gemma.py: embed_tokens.weight ->
+# token_embedding.embeddings; lm_head.weight -> token_embedding.reverse_embeddings (transposed) unless tied.
+_DECODER_SAVED = {"embed_tokens": ("token_embedding", {"weight": "embeddings"})}
+_DECODER_SAVED_OUTER = {"lm_head": ("token_embedding", {"weight": "reverse_embeddings.T"})}
+_DECODER = dict(unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, saved=_DECODER_SAVED,
+                saved_outer=_DECODER_SAVED_OUTER, task_type="CAUSAL_LM")
 
 # convert_llama3.py (Llama3Backbone), convert_qwen.py (QwenBackbone) and
 # convert_mistral.py (MistralBackbone) port the same seven projections to the same paths.
@@ -70,19 +89,19 @@ _LLAMA_BLOCK = {
 LLAMA = NameMap(
     name="llama", model_types=("llama",), backbones=("Llama3Backbone", "LlamaBackbone"),
     prefixes=("model.", ""), block=("layers.{i}.", "transformer_layer_{i}/"), blocks=_LLAMA_BLOCK,
-    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+    **_DECODER,
 )
 
 QWEN2 = NameMap(
     name="qwen2", model_types=("qwen2",), backbones=("QwenBackbone",),
     prefixes=("model.", ""), block=("layers.{i}.", "transformer_layer_{i}/"), blocks=_LLAMA_BLOCK,
-    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+    **_DECODER,
 )
 
 MISTRAL = NameMap(
     name="mistral", model_types=("mistral",), backbones=("MistralBackbone",),
     prefixes=("model.", ""), block=("layers.{i}.", "transformer_layer_{i}/"), blocks=_LLAMA_BLOCK,
-    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+    **_DECODER,
 )
 
 # convert_gemma.py (GemmaBackbone, model_type gemma and gemma2).
@@ -98,7 +117,7 @@ GEMMA = NameMap(
         "mlp.up_proj": "ffw_gating_2",
         "mlp.down_proj": "ffw_linear",
     },
-    unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, task_type="CAUSAL_LM",
+    **_DECODER,
 )
 
 # convert_bert.py (BertBackbone; the Hugging Face side is BertModel).
@@ -120,6 +139,8 @@ BERT = NameMap(
         "embeddings.token_type_embeddings": "an Embedding target",
     },
     outer={"classifier": "a classification head outside the backbone"},
+    saved={"pooler.dense": ("pooled_dense", {"weight": "kernel.T", "bias": "bias"}),
+           "pooler": ("pooled_dense", {"dense.weight": "kernel.T", "dense.bias": "bias"})},
     task_type="FEATURE_EXTRACTION",
 )
 
