@@ -23,7 +23,9 @@ def test_byte_lm_qlora_improves_held_out_code(tmp_path):
     for key, value in report.items():
         if isinstance(value, float):
             assert math.isfinite(value), key
-    assert report["perplexity_after"] < report["perplexity_adapted_at_init"]
+    # Measured: 30.67 -> 24.79 with these settings; untrained adapters (learning rate
+    # 1e-9) give 30.67 -> 30.67, so a plain `<` would pass on rounding noise.
+    assert report["perplexity_after"] < 0.9 * report["perplexity_adapted_at_init"]
     assert report["perplexity_adapted_at_init"] == pytest.approx(report["perplexity_base"], rel=0.05)
     assert report["base_stored_bytes"] < report["base_float32_bytes"] / 4
     assert report["merged_max_abs_diff"] < 1e-3
