@@ -213,10 +213,14 @@ class LoRALayer(keras.layers.Layer):
                 lora_in = keras.random.dropout(inputs, spec["dropout"], seed=self.seed_generator)
             outputs = outputs + self._lora_apply(lora_in, a, b, _scaling(spec["rank"], spec["alpha"], spec["use_rslora"]))
         if self.bias is not None:
-            outputs = outputs + self.bias
+            outputs = self._add_bias(outputs)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+    def _add_bias(self, outputs):
+        """``outputs + bias``; a layer whose bias is not on the last axis (channels_first conv) overrides it."""
+        return outputs + self.bias
 
     def _lora_call(self, inputs):
         """The default adapter's update for `inputs` (no dropout)."""
