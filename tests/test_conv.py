@@ -259,7 +259,9 @@ def test_keras_applications_conv2d(name):
     for layer in adapted:
         layer.lora_b.assign((0.02 * rng.standard_normal(layer.lora_b.shape)).astype("float32"))
     y = np.asarray(model(x))
-    assert np.abs(y - y_base).max() > 1e-3 * np.abs(y_base).max()  # the adapters do change the outputs
+    # The adapters do change the outputs. (With weights=None MobileNetV2's signal decays to ~1e-12 at the
+    # logits; float32 rounding is relative, so the checks here are relative to the output scale.)
+    assert np.abs(y - y_base).max() > 1e-2 * np.abs(y_base).max()
     merged = tf_lora.merge(model)
     assert not any(isinstance(layer, tf_lora.LoRALayer) for layer in merged.layers)
     np.testing.assert_allclose(np.asarray(merged(x)), y, rtol=0, atol=1e-5 * np.abs(y).max())
