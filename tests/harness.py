@@ -13,8 +13,8 @@ import keras
 import numpy as np
 
 
-def _model_around(layer_factory, input_shape):
-    inputs = keras.Input(input_shape[1:], batch_size=None)
+def _model_around(layer_factory, input_shape, dtype="float32"):
+    inputs = keras.Input(input_shape[1:], batch_size=None, dtype=dtype)
     layer = layer_factory()
     outputs = layer(inputs)
     return keras.Model(inputs, outputs), layer
@@ -28,10 +28,16 @@ def run_layer_test(
     expected_num_non_trainable_weights,
     rtol=1e-5,
     atol=1e-5,
+    input_data=None,
 ):
-    """Runs the standard checks; `layer_factory()` returns a fresh layer."""
+    """Runs the standard checks; `layer_factory()` returns a fresh layer.
+
+    `input_data` (default: standard normal float32 of `input_shape`) is what the
+    layer is called on, e.g. integer ids for an embedding.
+    """
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(input_shape).astype("float32")
+    x = rng.standard_normal(input_shape).astype("float32") if input_data is None else np.asarray(input_data)
+    dtype = str(x.dtype)
 
     # Config round trip.
     layer = layer_factory()
@@ -40,7 +46,7 @@ def run_layer_test(
     assert clone.get_config() == config
 
     # Output shape and weight counts.
-    model, layer = _model_around(layer_factory, input_shape)
+    model, layer = _model_around(layer_factory, input_shape, dtype)
     y = np.asarray(model(x))
     assert y.shape == tuple(expected_output_shape), (y.shape, expected_output_shape)
     assert len(layer.trainable_weights) == expected_num_trainable_weights
@@ -72,7 +78,7 @@ def run_layer_test(
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        mp_model, mp_layer = _model_around(layer_factory, input_shape)
+        mp_model, mp_layer = _model_around(layer_factory, input_shape, dtype)
         y16 = mp_model(x)
         assert str(y16.dtype) in ("float16", "<dtype: 'float16'>"), y16.dtype
         for w in mp_layer.weights:

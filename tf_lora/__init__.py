@@ -23,10 +23,19 @@ from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.convert import use_chunked_attention
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
+from tf_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
+from tf_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
 from tf_lora.layers.qlora import QLoRADense, QLoRAEinsumDense
 from tf_lora.loraplus import loraplus_optimizer
 from tf_lora.merging import add_weighted_adapter
+from tf_lora.layers.qlora_conv_embedding import (
+    QLoRAConv1D,
+    QLoRAConv2D,
+    QLoRAConv3D,
+    QLoRAEmbedding,
+    QLoRAReversibleEmbedding,
+)
 from tf_lora.memory import memory_report, print_memory_report
 from tf_lora.peft import from_peft
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
@@ -37,14 +46,24 @@ __all__ = sorted(
         "AdaptedModel",
         "ChunkedAttention",
         "LoRAConfig",
+        "LoRAConv1D",
+        "LoRAConv2D",
+        "LoRAConv3D",
         "LoRADense",
         "LoRAEinsumDense",
+        "LoRAEmbedding",
         "LoRALayer",
         "LoRAModel",
+        "LoRAReversibleEmbedding",
         "ParameterCount",
         "QLoRAConfig",
+        "QLoRAConv1D",
+        "QLoRAConv2D",
+        "QLoRAConv3D",
         "QLoRADense",
         "QLoRAEinsumDense",
+        "QLoRAEmbedding",
+        "QLoRAReversibleEmbedding",
         "__version__",
         "adapt",
         "checkpointed_blocks",

@@ -19,14 +19,16 @@ import keras
 
 from tf_lora import _compat, surgery
 from tf_lora.config import LoRAConfig, matches
+from tf_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D, LoRAConv3D
+from tf_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding, _reversible_type
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer, _einsum_lora_equations
 from tf_lora.surgery import is_graph_model, walk  # noqa: F401  (re-exported)
 
 
 def _qlora_cls(name: str):
-    from tf_lora.layers import qlora  # optional module (issue 3)
+    from tf_lora.layers import qlora, qlora_conv_embedding  # optional modules (issue 3, issue 11)
 
-    return getattr(qlora, name)
+    return getattr(qlora, name, None) or getattr(qlora_conv_embedding, name)
 
 
 # Dispatch table, first match wins: (Keras layer type, LoRA class, QLoRA class name).
@@ -34,7 +36,21 @@ def _qlora_cls(name: str):
 DISPATCH: List[Tuple[type, type, str]] = [
     (keras.layers.EinsumDense, LoRAEinsumDense, "QLoRAEinsumDense"),
     (keras.layers.Dense, LoRADense, "QLoRADense"),
+    *([(_reversible_type(), LoRAReversibleEmbedding, "QLoRAReversibleEmbedding")] if _reversible_type() else []),
+    (keras.layers.Embedding, LoRAEmbedding, "QLoRAEmbedding"),
+    (keras.layers.Conv1D, LoRAConv1D, "QLoRAConv1D"),
+    (keras.layers.Conv2D, LoRAConv2D, "QLoRAConv2D"),
+    (keras.layers.Conv3D, LoRAConv3D, "QLoRAConv3D"),
 ]
+
+# What target_modules="all-linear" selects (PEFT's meaning): Dense and EinsumDense layers only,
+# never embeddings or convolutions.
+LINEAR_TYPES: Tuple[type, ...] = (keras.layers.Dense, keras.layers.EinsumDense, LoRADense, LoRAEinsumDense)
+
+
+def all_linear_skips(config: LoRAConfig, layer) -> bool:
+    """Whether ``target_modules="all-linear"`` leaves `layer` out (it is not Dense/EinsumDense)."""
+    return config.target_modules == "all-linear" and not isinstance(layer, LINEAR_TYPES)
 
 
 def register_adapter(layer_type: type, lora_cls: type, qlora_cls_name: str = "") -> None:
@@ -92,6 +108,8 @@ def _select(model, config: LoRAConfig) -> Tuple[Dict[str, keras.layers.Layer], L
                 )
             continue
         adaptable.append(path)
+        if all_linear_skips(config, layer):
+            continue
         if matches(config.target_modules, name, path) and id(layer) not in seen:
             seen.add(id(layer))  # a layer reached by two paths is adapted once
             targets[path] = layer
@@ -148,6 +166,8 @@ def _precheck(layer, path: str, config: LoRAConfig) -> None:
     LoRALayer._check_source(layer, layer_type, layer_type.__name__)
     if isinstance(layer, keras.layers.EinsumDense):
         _einsum_lora_equations(layer.equation)
+    if issubclass(lora_cls, LoRAConv):
+        LoRAConv.check_groups(layer)
     if config.quantization is not None and not qlora_name:
         raise NotImplementedError(f"No QLoRA layer is registered for {_describe(layer)} ('{path}').")
     _check_variants(layer, path, config, _qlora_cls(qlora_name) if config.quantization is not None else lora_cls)

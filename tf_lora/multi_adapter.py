@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
+from tf_lora.adapt import all_linear_skips
 from tf_lora.config import LoRAConfig, matches
 from tf_lora.train import AdaptedModel, LoRAModel
 
@@ -69,7 +70,7 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     targets = []
     for path, layer in model.adapter_layers():
         excluded = config.exclude_modules and matches(config.exclude_modules, layer.name, path)
-        if not excluded and matches(config.target_modules, layer.name, path):
+        if not excluded and not all_linear_skips(config, layer) and matches(config.target_modules, layer.name, path):
             targets.append((path, layer))
     if not targets:
         raise ValueError(

@@ -337,10 +337,14 @@ class LoRALayer(keras.layers.Layer):
                 update = (scale - 1) * base + scale * ops.cast(update, outputs.dtype)
             outputs = outputs + update
         if self.bias is not None:
-            outputs = outputs + self.bias
+            outputs = self._add_bias(outputs)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+    def _add_bias(self, outputs):
+        """``outputs + bias``; a layer whose bias is not on the last axis (channels_first conv) overrides it."""
+        return outputs + self.bias
 
     def _lora_call(self, inputs):
         """The default adapter's update for `inputs` (no dropout)."""
