@@ -7,7 +7,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from tf_lora import nf4
+from tf_lora import distribute, nf4
 from tf_lora.adapt import adapt, register_adapter
 from tf_lora.adapters import (
     ParameterCount,
@@ -20,6 +20,7 @@ from tf_lora.adapters import (
 )
 from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.convert import use_chunked_attention
+from tf_lora.distribute import BackupAndRestore, is_chief, multi_worker_strategy
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
@@ -31,6 +32,7 @@ from tf_lora.train import AdaptedModel, LoRAModel
 __all__ = sorted(
     [
         "AdaptedModel",
+        "BackupAndRestore",
         "ChunkedAttention",
         "LoRAConfig",
         "LoRADense",
@@ -46,11 +48,14 @@ __all__ = sorted(
         "chunked_attention",
         "add_adapter",
         "delete_adapter",
+        "distribute",
         "disable_adapter",
         "count_parameters",
+        "is_chief",
         "load_adapter",
         "memory_report",
         "merge",
+        "multi_worker_strategy",
         "nf4",
         "print_memory_report",
         "print_trainable_parameters",

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import keras
 
-from tf_lora import _compat, surgery
+from tf_lora import _compat, distribute, surgery
 from tf_lora.config import LoRAConfig, matches
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer, _einsum_lora_equations
 from tf_lora.surgery import is_graph_model, walk  # noqa: F401  (re-exported)
@@ -303,7 +303,9 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
         if not graph:
             _check_rebuildable(model)
         work, work_targets = _copy(model, targets)
-    _insert_adapters(work_targets, config, verbose)
+    with distribute.worker_local_storage() as local:  # QLoRA's uint8 codes under MultiWorkerMirroredStrategy
+        _insert_adapters(work_targets, config, verbose)
+    distribute.broadcast_from_chief(local)
     _return_freed_memory()
     if inplace and isinstance(model, _compat.Functional) and type(model) is _compat.Functional:
         make_adapted(model, config)  # a plain Functional model becomes a LoRAModel

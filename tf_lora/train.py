@@ -25,11 +25,11 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from tf_lora import _compat, surgery
+from tf_lora import _compat, distribute, surgery
 from tf_lora.config import LoRAConfig, matches
 
 
-class AdaptedModel:
+class AdaptedModel(_compat.MultiWorkerTrainer):
     """What every adapted model has on top of its own class (``isinstance(m,
     tf_lora.AdaptedModel)`` tells whether `m` came from `tf_lora.adapt`).
 
@@ -132,6 +132,7 @@ class AdaptedModel:
 
     # -- training --------------------------------------------------------------
     def fit(self, *args, **kwargs):
+        distribute.check_fit_strategy(self)
         if not self.lora_variables:
             raise ValueError(
                 f"Model {self.name!r} has nothing to train: the active adapter "
@@ -170,7 +171,7 @@ class AdaptedModel:
                 loss = self.optimizer.scale_loss(loss)
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return _compat.replica_outputs(self, self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     # -- layers by path, serialization -------------------------------------
     def get_layer(self, name=None, index=None):
@@ -305,6 +306,8 @@ def adapted_class(base: type) -> type:
 def make_adapted(model, lora_config: LoRAConfig) -> None:
     """Turns `model` (whose layers already hold adapters) into its adapted class."""
     model.__class__ = adapted_class(type(model))
+    if tf.distribute.has_strategy():  # its new variables belong to this scope's strategy
+        _compat.set_model_strategy(model, tf.distribute.get_strategy())
     model._init_adapted(lora_config)
 
 
