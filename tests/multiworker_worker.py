@@ -40,7 +40,8 @@ rng = np.random.default_rng(0)
 X = rng.standard_normal((32, 6, 8)).astype("float32")
 Y = rng.integers(0, 3, 32)
 XB = {"token_ids": X, "padding_mask": np.ones((32, 6), "float32")}
-YB = {"pooled_output": rng.standard_normal((32, 8)).astype("float32")}
+YB = {"sequence_output": rng.standard_normal((32, 6, 8)).astype("float32"),
+      "pooled_output": rng.standard_normal((32, 8)).astype("float32")}
 CASES = {
     "lora": (mha_classifier, tf_lora.LoRAConfig(rank=2, dropout=0.0, modules_to_save=("classifier",)), X, Y),
     "qlora": (mha_classifier, tf_lora.LoRAConfig(rank=2, dropout=0.0, quantization=tf_lora.QLoRAConfig(group_size=16)), X, Y),
@@ -49,7 +50,7 @@ CASES = {
 
 
 def compile_model(model, case):
-    loss = ({"pooled_output": "mse"} if case == "subclass"
+    loss = ({"sequence_output": "mse", "pooled_output": "mse"} if case == "subclass"
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     # Momentum: optimizer state that BackupAndRestore must restore. (Not Adam: it turns
     # ~1e-9 float32 differences in a near-zero gradient into +-lr steps.)

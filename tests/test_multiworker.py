@@ -21,6 +21,10 @@ import time
 
 import pytest
 
+from tf_lora import _compat
+
+pytestmark = pytest.mark.skipif(not _compat.averages_replica_gradients(), reason="multi-replica fit needs Keras >= 3.8 (tf_lora refuses it on older Keras)")
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS, "multiworker_worker.py")
 TIMEOUT_S = 240

@@ -10,6 +10,7 @@ only.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, List
 
 import keras
@@ -18,6 +19,22 @@ try:  # the class of Functional models (Keras >= 3.0)
     from keras.src.models.functional import Functional
 except ImportError:  # pragma: no cover
     Functional = keras.Model
+
+def functional_signature(init):
+    """Gives a Functional subclass's ``__init__`` the ``(*args, **kwargs)`` argspec, so that
+    Keras saves and revives it as a Functional model (layers and graph in its config).
+
+    Keras decides that by the constructor's argspec: 3.5 requires it to equal that of
+    `Functional.__init__`, which is ``(*args, **kwargs)`` there (a tracking wrapper);
+    3.15 accepts Functional's own arguments or ``(*args, **kwargs)``.
+    """
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        return init(self, *args, **kwargs)
+
+    return __init__
+
 
 try:  # the base of every Keras object that pickles itself through a `.keras` file
     from keras.src.saving.keras_saveable import KerasSaveable
@@ -163,6 +180,17 @@ def optimizer_variables(optimizer) -> List["keras.Variable"]:
     return list(getattr(optimizer, "_trainable_variables", []))
 
 
+def averages_replica_gradients() -> bool:
+    """Whether this Keras's TF trainer scales the loss by 1/replicas under tf.distribute
+    (Keras >= 3.8), so that the all-reduced (summed) gradients are the global batch's mean.
+    Keras 3.5-3.7 do not: every multi-replica `fit` there steps with replicas x the gradient."""
+    try:
+        from keras.src.losses import loss as loss_module
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(loss_module, "scale_loss_for_distribution")
+
+
 def unscale_loss(loss):
     """The loss as reported (Keras scales it by 1/replicas for distribution)."""
     try:
@@ -285,7 +313,9 @@ class MultiWorkerTrainer:
         # MultiWorkerMirroredStrategy that raises. The build only needs shapes and
         # dtypes, so read the local replica's part instead.
         if iterator is not None and data_batch is None and getattr(self, "_distribute_strategy", None) is not None:
-            for item in iterator:
+            # Keras 3.15 iterates the epoch iterator itself; Keras 3.5 through enumerate_epoch().
+            batches = iterator.enumerate_epoch() if hasattr(iterator, "enumerate_epoch") else iterator
+            for item in batches:
                 data_batch = local_replica_batch(self.distribute_strategy, next(item[-1]))
                 break
             iterator = None

@@ -12,6 +12,7 @@ each float kernel as it goes.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -182,7 +183,14 @@ def _return_freed_memory() -> None:
 
 def _check_rebuildable(model) -> None:
     try:
-        model.get_config()
+        config = model.get_config()
+        # Keras 3.5's automatic config silently leaves out arguments it cannot serialize
+        # (3.15 raises): a required constructor argument missing from the config is the same failure.
+        required = [name for name, p in list(inspect.signature(type(model).__init__).parameters.items())[1:]
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [name for name in required if name not in config]
+        if missing:
+            raise NotImplementedError(f"the config lacks the constructor argument(s) {missing}")
     except Exception as e:  # NotImplementedError for auto-config failures, or the class's own
         raise TypeError(
             f"Received an invalid value for `model`: its class {type(model).__name__} cannot be rebuilt "

@@ -12,7 +12,8 @@ for Keras's own code live in `_compat.MultiWorkerTrainer`):
 - `BackupAndRestore`: Keras's callback made safe with several workers: every
   worker restores from `backup_dir`, only the chief writes and deletes there;
 - `check_fit_strategy`: `fit` refuses a model whose variables were not created
-  under the strategy it trains with.
+  under the strategy it trains with, and several replicas on a Keras older than
+  3.8 (which sums the replicas' gradients instead of averaging them).
 
 Example:
     >>> strategy = tf_lora.multi_worker_strategy()          # doctest: +SKIP
@@ -228,6 +229,12 @@ def check_fit_strategy(model) -> None:
     strategy = model.distribute_strategy
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         read_tf_config()
+    if strategy.num_replicas_in_sync > 1 and not _compat.averages_replica_gradients():
+        raise NotImplementedError(
+            f"Received a {type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas, which needs "
+            f"Keras >= 3.8: Keras {keras.version()} sums the replicas' gradients instead of averaging "
+            "them (it does not scale the loss for distribution). Upgrade Keras (pip install 'keras>=3.8')."
+        )
     needs_distributed = isinstance(strategy, (tf.distribute.MirroredStrategy,
                                               tf.distribute.MultiWorkerMirroredStrategy,
                                               tf.distribute.TPUStrategy))

@@ -219,6 +219,9 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
         }
 
 
+_STATE_KEYS = ("lora_config", "nested_adapters", "adapter_configs", "active_adapter")
+
+
 @keras.saving.register_keras_serializable(package="tf_lora")
 class LoRAModel(AdaptedModel, _compat.Functional):
     """The model `tf_lora.adapt` returns for a Functional or Sequential model.
@@ -232,10 +235,11 @@ class LoRAModel(AdaptedModel, _compat.Functional):
         >>> model.compile("adam", "mse"); model.fit(x, y)       # doctest: +SKIP
     """
 
-    # The signature must stay Functional's (inputs, outputs, name, **kwargs) so
-    # Keras serializes this class as a Functional model.
+    # Keras serializes this class as a Functional model only if it takes the constructor
+    # for Functional's: see _compat.functional_signature.
+    @_compat.functional_signature
     def __init__(self, inputs, outputs, name=None, **kwargs):
-        state = {k: kwargs.pop(k, None) for k in ("lora_config", "nested_adapters", "adapter_configs", "active_adapter")}
+        state = {k: kwargs.pop(k, None) for k in _STATE_KEYS}
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
         if state["nested_adapters"]:
             self._restore_adapters(state["nested_adapters"])
@@ -243,6 +247,18 @@ class LoRAModel(AdaptedModel, _compat.Functional):
 
     def get_config(self):
         return {**super().get_config(), **self._adapted_state_config(nested_only=True)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Keras rebuilds the Functional graph; some versions (3.5) drop config keys it does
+        # not know instead of passing them to __init__, so the adapter state is applied here.
+        config = dict(config)
+        state = {k: config.pop(k, None) for k in _STATE_KEYS}
+        model = super().from_config(config, custom_objects=custom_objects)
+        if state["nested_adapters"]:
+            model._restore_adapters(state["nested_adapters"])
+        model._init_adapted(state["lora_config"], state["adapter_configs"], state["active_adapter"] or "default")
+        return model
 
 
 class _AdaptedSubclassMixin(AdaptedModel):
