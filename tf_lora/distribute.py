@@ -207,12 +207,10 @@ def broadcast_from_chief(variables) -> None:
         return
     import tensorflow as tf
 
-    chief = is_chief(strategy)
-
-    def from_chief(value):
+    def from_chief(value):  # the sum over replicas of replica 0's value (the chief's first device) and zeros
         ctx = tf.distribute.get_replica_context()
         first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.int32)
-        return ctx.all_reduce("SUM", value * first * int(chief))
+        return ctx.all_reduce("SUM", value * first)
 
     for variable in variables:
         words = tf.cast(variable, tf.int32)  # one layer at a time: a transient int32 copy

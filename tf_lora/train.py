@@ -268,7 +268,7 @@ class _AdaptedSubclassMixin(AdaptedModel):
 
     @classmethod
     def _base_class(cls) -> type:
-        return next(c for c in cls.__mro__ if not issubclass(c, AdaptedModel))
+        return next(c for c in cls.__mro__ if not issubclass(c, (AdaptedModel, _compat.MultiWorkerTrainer)))
 
     def get_config(self):
         base = self._base_class()
