@@ -115,12 +115,20 @@ def total_loss(model, x):
     return float(sum(np.asarray(loss, np.float64) for loss in model.losses))
 
 
+def _activity_loss_divided_by_batch() -> bool:
+    """Keras 3.15 divides an activity regularizer's loss by the batch size; Keras 3.5 does not."""
+    layer = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones", activity_regularizer=keras.regularizers.L2(1.0))
+    layer(np.ones((2, 1), "float32"))
+    return abs(float(keras.ops.convert_to_numpy(layer.losses[0])) - 1.0) < 1e-6
+
+
 def reference_losses(kernels, biases, x, effective_kernels=None):
     """NumPy: L2(0.1) of the kernels, L1(0.05) of the biases, L2(1.0) of each
-    layer's output divided by the batch size (Keras' activity regularizer)."""
+    layer's output, divided by the batch size where Keras does (its activity regularizer)."""
+    per_batch = len(x) if _activity_loss_divided_by_batch() else 1
     total, h = 0.0, np.asarray(x, np.float64)
     for w, b, k in zip(kernels, biases, effective_kernels or kernels):
         total += 0.1 * np.sum(np.square(w, dtype=np.float64)) + 0.05 * np.sum(np.abs(b))
         h = h @ k + b
-        total += np.sum(h ** 2) / len(x)
+        total += np.sum(h ** 2) / per_batch
     return total

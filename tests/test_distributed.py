@@ -12,6 +12,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from tf_lora import _compat
+
+pytestmark = pytest.mark.skipif(not _compat.averages_replica_gradients(), reason="multi-replica fit needs Keras >= 3.8 (tf_lora refuses it on older Keras)")
+
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys

@@ -352,7 +352,10 @@ def _inf_dense():
 
 def _int4_dense():
     base = _dense()
-    base.quantize("int4")
+    try:
+        base.quantize("int4")
+    except ValueError as e:  # Keras 3.5 (the floor) quantizes to int8 / float8 only
+        pytest.skip(f"this Keras has no int4 quantization ({e})")
     return base
 
 

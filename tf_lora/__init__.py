@@ -7,7 +7,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from tf_lora import nf4
+from tf_lora import distribute, nf4
 from tf_lora.adapt import adapt, register_adapter
 from tf_lora.adapters import (
     ParameterCount,
@@ -21,6 +21,7 @@ from tf_lora.adapters import (
 from tf_lora.checkpointing import checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing
 from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.convert import use_chunked_attention
+from tf_lora.distribute import BackupAndRestore, is_chief, multi_worker_strategy
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
 from tf_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
@@ -44,6 +45,7 @@ from tf_lora.train import AdaptedModel, LoRAModel
 __all__ = sorted(
     [
         "AdaptedModel",
+        "BackupAndRestore",
         "ChunkedAttention",
         "LoRAConfig",
         "LoRAConv1D",
@@ -74,12 +76,15 @@ __all__ = sorted(
         "chunked_attention",
         "add_adapter",
         "delete_adapter",
+        "distribute",
         "disable_adapter",
         "count_parameters",
         "from_peft",
+        "is_chief",
         "load_adapter",
         "memory_report",
         "merge",
+        "multi_worker_strategy",
         "nf4",
         "print_memory_report",
         "print_trainable_parameters",

@@ -10,6 +10,7 @@ only.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, List
 
 import keras
@@ -18,6 +19,22 @@ try:  # the class of Functional models (Keras >= 3.0)
     from keras.src.models.functional import Functional
 except ImportError:  # pragma: no cover
     Functional = keras.Model
+
+def functional_signature(init):
+    """Gives a Functional subclass's ``__init__`` the ``(*args, **kwargs)`` argspec, so that
+    Keras saves and revives it as a Functional model (layers and graph in its config).
+
+    Keras decides that by the constructor's argspec: 3.5 requires it to equal that of
+    `Functional.__init__`, which is ``(*args, **kwargs)`` there (a tracking wrapper);
+    3.15 accepts Functional's own arguments or ``(*args, **kwargs)``.
+    """
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        return init(self, *args, **kwargs)
+
+    return __init__
+
 
 try:  # the base of every Keras object that pickles itself through a `.keras` file
     from keras.src.saving.keras_saveable import KerasSaveable
@@ -163,6 +180,17 @@ def optimizer_variables(optimizer) -> List["keras.Variable"]:
     return list(getattr(optimizer, "_trainable_variables", []))
 
 
+def averages_replica_gradients() -> bool:
+    """Whether this Keras's TF trainer scales the loss by 1/replicas under tf.distribute
+    (Keras >= 3.8), so that the all-reduced (summed) gradients are the global batch's mean.
+    Keras 3.5-3.7 do not: every multi-replica `fit` there steps with replicas x the gradient."""
+    try:
+        from keras.src.losses import loss as loss_module
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(loss_module, "scale_loss_for_distribution")
+
+
 def unscale_loss(loss):
     """The loss as reported (Keras scales it by 1/replicas for distribution)."""
     try:
@@ -178,6 +206,13 @@ def is_framework_tensor(obj) -> bool:
     import tensorflow as tf
 
     return isinstance(obj, (tf.Tensor, tf.Variable))
+
+
+def is_distribution_strategy(obj) -> bool:
+    """A `tf.distribute.Strategy` (shared by a copied model, never copied)."""
+    import tensorflow as tf
+
+    return isinstance(obj, tf.distribute.Strategy)
 
 
 def is_traced_function(obj) -> bool:
@@ -253,3 +288,100 @@ def call_context(context) -> Iterator[None]:
         yield
     finally:
         global_state.set_global_attribute("current_call_ctx", previous)
+
+
+# -- Keras's TF trainer under tf.distribute (keras-team/keras#20585) ------------------------
+# Keras 3.0-3.15's TF trainer fails under MultiWorkerMirroredStrategy for every model:
+# (a) `_maybe_symbolic_build` reduces the first (distributed) data batch across replicas,
+#     which raises "Attempt to convert a value (PerReplica ...)";
+# (b) its train/test functions reduce the step's outputs across workers with
+#     `strategy.reduce("MEAN", v, axis=0)`, which raises on 0-d metric results (and would
+#     average a vector metric's entries). The single-worker path averages over replicas only.
+# `MultiWorkerTrainer` fixes both for the classes that inherit it (every adapted model) and
+# leaves Keras itself, and so every other model in the process, as it is.
+
+try:
+    from keras.src.backend.tensorflow.trainer import (
+        _collective_all_reduce_multi_worker as _keras_reduces_across_workers,
+    )
+except ImportError:  # pragma: no cover - a Keras without the multi-worker branch
+
+    def _keras_reduces_across_workers(strategy) -> bool:
+        return False
+
+
+def reduces_across_workers(strategy) -> bool:
+    """Whether Keras's TF trainer takes its multi-worker branch, i.e. reduces each
+    step output `v` with ``strategy.reduce("MEAN", v, axis=0)``."""
+    return strategy is not None and bool(_keras_reduces_across_workers(strategy))
+
+
+def replica_outputs(model, outputs):
+    """A train/test step's outputs, shaped for Keras's cross-replica reduction.
+
+    Under the multi-worker branch each value gets a leading axis of length 1, so
+    Keras's ``reduce("MEAN", v, axis=0)`` is the mean over replicas of `v` itself
+    (``axis=None``: the single-worker semantics) and keeps `v`'s shape. Elsewhere
+    the outputs are returned unchanged.
+    """
+    if not reduces_across_workers(model.distribute_strategy):
+        return outputs
+    import tensorflow as tf
+
+    return tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), outputs)
+
+
+def local_replica_batch(strategy, batch):
+    """This worker's first replica's part of a (distributed) data batch: what the
+    symbolic build needs (shapes and dtypes), with no cross-replica communication."""
+    import tensorflow as tf
+
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    return tf.nest.map_structure(local, batch)
+
+
+class MultiWorkerTrainer:
+    """Overrides of Keras's TF trainer internals for data-parallel training under any
+    `tf.distribute` strategy, MultiWorkerMirroredStrategy included (see above).
+    Inherited by `tf_lora.AdaptedModel`; Keras's own classes are not touched."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras reads the first batch and reduces it across replicas ("MEAN"): under
+        # MultiWorkerMirroredStrategy that raises. The build only needs shapes and
+        # dtypes, so read the local replica's part instead.
+        if iterator is not None and data_batch is None and getattr(self, "_distribute_strategy", None) is not None:
+            # Keras 3.15 iterates the epoch iterator itself; Keras 3.5 through enumerate_epoch().
+            batches = iterator.enumerate_epoch() if hasattr(iterator, "enumerate_epoch") else iterator
+            for item in batches:
+                data_batch = local_replica_batch(self.distribute_strategy, next(item[-1]))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def test_step(self, data):
+        return replica_outputs(self, super().test_step(data))
+
+
+def set_model_strategy(model, strategy) -> None:
+    """Records `strategy` as the one `model` trains under (Keras's TF trainer keeps
+    it from the model's construction; a model rebuilt by class swap or copy needs it set)."""
+    object.__setattr__(model, "_distribute_strategy", strategy)
+
+
+def model_strategy(model):
+    """The strategy `model` was created under (None: none, so the ambient one)."""
+    return model.__dict__.get("_distribute_strategy")
+
+
+def redirect_backup(callback, folder: str) -> None:
+    """Points a `keras.callbacks.BackupAndRestore` at `folder` for its writes: its
+    file paths are private attributes derived from `backup_dir` in `__init__`, so
+    they are taken from a callback made for `folder` (whatever this Keras names them)."""
+    fresh = keras.callbacks.BackupAndRestore(folder)
+    for name, value in vars(fresh).items():
+        if isinstance(value, str) and (value == folder or value.startswith(folder.rstrip("/\\"))):
+            setattr(callback, name, value)

@@ -12,12 +12,13 @@ each float kernel as it goes.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
 from typing import Dict, List, Optional, Tuple
 
 import keras
 
-from tf_lora import _compat, surgery
+from tf_lora import _compat, distribute, surgery
 from tf_lora.config import LoRAConfig, matches
 from tf_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D, LoRAConv3D
 from tf_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding, _reversible_type
@@ -223,7 +224,14 @@ def _return_freed_memory() -> None:
 
 def _check_rebuildable(model) -> None:
     try:
-        model.get_config()
+        config = model.get_config()
+        # Keras 3.5's automatic config silently leaves out arguments it cannot serialize
+        # (3.15 raises): a required constructor argument missing from the config is the same failure.
+        required = [name for name, p in list(inspect.signature(type(model).__init__).parameters.items())[1:]
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [name for name in required if name not in config]
+        if missing:
+            raise NotImplementedError(f"the config lacks the constructor argument(s) {missing}")
     except Exception as e:  # NotImplementedError for auto-config failures, or the class's own
         raise TypeError(
             f"Received an invalid value for `model`: its class {type(model).__name__} cannot be rebuilt "
@@ -344,7 +352,9 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
         if not graph:
             _check_rebuildable(model)
         work, work_targets = _copy(model, targets)
-    _insert_adapters(work_targets, config, verbose)
+    with distribute.worker_local_storage() as local:  # QLoRA's uint8 codes under MultiWorkerMirroredStrategy
+        _insert_adapters(work_targets, config, verbose)
+    distribute.broadcast_from_chief(local)
     _return_freed_memory()
     if inplace and isinstance(model, _compat.Functional) and type(model) is _compat.Functional:
         make_adapted(model, config)  # a plain Functional model becomes a LoRAModel

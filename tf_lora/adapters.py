@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_lora import _compat, surgery
+from tf_lora import _compat, distribute, surgery
 from tf_lora.surgery import walk
 from tf_lora.config import LoRAConfig, matches
 from tf_lora import variants
@@ -158,6 +158,9 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         path: Destination file (conventionally ``*.adapter``); replaced
             atomically, so an interrupted save leaves any previous file intact.
             With ``format="peft"``, a folder (created if missing).
+            Under a multi-worker strategy only the chief writes `path`; the
+            other workers (which must call this too, as with any Keras save)
+            write a private temporary file that is deleted at once.
         adapter_name: Which adapter to save (default: the active one).
         format: ``"tf_lora"`` (default): one safetensors file keyed by layer path,
             with the `LoRAConfig`. ``"peft"``: a Hugging Face PEFT directory
@@ -216,8 +219,9 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Received an invalid value for `path`, expected a file path. Received: path={path!r}")
     path = os.fspath(path)
+    chief = distribute.is_chief(model)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    if chief and not os.path.isdir(folder):
         raise FileNotFoundError(f"Received an invalid value for `path`: folder {folder!r} does not exist. Received: path={path!r}")
     name = _adapter_name(model, adapter_name)
     state = adapter_state(model, name)
@@ -235,7 +239,8 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         metadata["base"] = "residual:" + rewritten[0][1]._spec(name)["lora_init"]
     metadata["lora_config"] = json.dumps(config.to_dict() if config is not None else None)
     data = save(tensors, metadata=metadata)
-    _atomic_write(path, data)
+    with distribute.write_location(model, path) as target:  # a private temporary file off the chief
+        _atomic_write(target, data)
     return len(data)
 
 

@@ -113,7 +113,7 @@ def _reachable(root, memo: Dict[int, object]) -> List[object]:
         if isinstance(obj, keras.Variable):
             memo[id(obj)] = _compat.copy_variable(obj)
             continue
-        if isinstance(obj, _SHARED):
+        if isinstance(obj, _SHARED) or _compat.is_distribution_strategy(obj):
             memo[id(obj)] = obj
             continue
         if _compat.is_traced_function(obj):

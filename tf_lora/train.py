@@ -25,11 +25,11 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from tf_lora import _compat, surgery
+from tf_lora import _compat, distribute, surgery
 from tf_lora.config import LoRAConfig, matches
 
 
-class AdaptedModel:
+class AdaptedModel(_compat.MultiWorkerTrainer):
     """What every adapted model has on top of its own class (``isinstance(m,
     tf_lora.AdaptedModel)`` tells whether `m` came from `tf_lora.adapt`).
 
@@ -136,6 +136,7 @@ class AdaptedModel:
 
     # -- training --------------------------------------------------------------
     def fit(self, *args, **kwargs):
+        distribute.check_fit_strategy(self)
         if not self.lora_variables:
             raise ValueError(
                 f"Model {self.name!r} has nothing to train: the active adapter "
@@ -174,7 +175,7 @@ class AdaptedModel:
                 loss = self.optimizer.scale_loss(loss)
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return _compat.replica_outputs(self, self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     # -- layers by path, serialization -------------------------------------
     def get_layer(self, name=None, index=None):
@@ -222,6 +223,9 @@ class AdaptedModel:
         }
 
 
+_STATE_KEYS = ("lora_config", "nested_adapters", "adapter_configs", "active_adapter")
+
+
 @keras.saving.register_keras_serializable(package="tf_lora")
 class LoRAModel(AdaptedModel, _compat.Functional):
     """The model `tf_lora.adapt` returns for a Functional or Sequential model.
@@ -235,10 +239,11 @@ class LoRAModel(AdaptedModel, _compat.Functional):
         >>> model.compile("adam", "mse"); model.fit(x, y)       # doctest: +SKIP
     """
 
-    # The signature must stay Functional's (inputs, outputs, name, **kwargs) so
-    # Keras serializes this class as a Functional model.
+    # Keras serializes this class as a Functional model only if it takes the constructor
+    # for Functional's: see _compat.functional_signature.
+    @_compat.functional_signature
     def __init__(self, inputs, outputs, name=None, **kwargs):
-        state = {k: kwargs.pop(k, None) for k in ("lora_config", "nested_adapters", "adapter_configs", "active_adapter")}
+        state = {k: kwargs.pop(k, None) for k in _STATE_KEYS}
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
         if state["nested_adapters"]:
             self._restore_adapters(state["nested_adapters"])
@@ -246,6 +251,18 @@ class LoRAModel(AdaptedModel, _compat.Functional):
 
     def get_config(self):
         return {**super().get_config(), **self._adapted_state_config(nested_only=True)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Keras rebuilds the Functional graph; some versions (3.5) drop config keys it does
+        # not know instead of passing them to __init__, so the adapter state is applied here.
+        config = dict(config)
+        state = {k: config.pop(k, None) for k in _STATE_KEYS}
+        model = super().from_config(config, custom_objects=custom_objects)
+        if state["nested_adapters"]:
+            model._restore_adapters(state["nested_adapters"])
+        model._init_adapted(state["lora_config"], state["adapter_configs"], state["active_adapter"] or "default")
+        return model
 
 
 class _AdaptedSubclassMixin(AdaptedModel):
@@ -255,7 +272,7 @@ class _AdaptedSubclassMixin(AdaptedModel):
 
     @classmethod
     def _base_class(cls) -> type:
-        return next(c for c in cls.__mro__ if not issubclass(c, AdaptedModel))
+        return next(c for c in cls.__mro__ if not issubclass(c, (AdaptedModel, _compat.MultiWorkerTrainer)))
 
     def get_config(self):
         base = self._base_class()
@@ -309,6 +326,8 @@ def adapted_class(base: type) -> type:
 def make_adapted(model, lora_config: LoRAConfig) -> None:
     """Turns `model` (whose layers already hold adapters) into its adapted class."""
     model.__class__ = adapted_class(type(model))
+    if tf.distribute.has_strategy():  # its new variables belong to this scope's strategy
+        _compat.set_model_strategy(model, tf.distribute.get_strategy())
     model._init_adapted(lora_config)
 
 
