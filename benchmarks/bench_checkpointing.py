@@ -65,11 +65,13 @@ def main(argv=None) -> dict:
         "max_loss_diff": max(abs(a - b) for a, b in zip(off["losses"], on["losses"])), "blocks": on["blocks"],
     }
     print(f"Gemma-shaped decoder, {layers} blocks, hidden 256, sequence {seq}, batch {batch}, LoRA r=8 on query/value")
-    print(f"peak train-step memory : {report['peak_mib_without']:.1f} MiB -> {report['peak_mib_with']:.1f} MiB "
-          f"(x{report['memory_ratio']:.2f}; goal <= 0.5)")
-    print(f"step time              : x{report['time_ratio']:.2f} (goal <= 1.5); {off['step_seconds'] * 1000:.0f} ms -> "
-          f"{on['step_seconds'] * 1000:.0f} ms")
-    print(f"max |loss difference|  : {report['max_loss_diff']:.1e} over {steps + 1} steps")
+    print(f"{'':24s} {'without':>10s} {'with':>10s} {'ratio':>7s}  goal")
+    print("-" * 60)
+    print(f"{'peak train-step MiB':24s} {report['peak_mib_without']:10.1f} {report['peak_mib_with']:10.1f} "
+          f"{report['memory_ratio']:7.2f}  <= 0.5")
+    print(f"{'step ms':24s} {off['step_seconds'] * 1000:10.0f} {on['step_seconds'] * 1000:10.0f} "
+          f"{report['time_ratio']:7.2f}  <= 1.5")
+    print(f"max |loss difference| over {steps + 1} steps: {report['max_loss_diff']:.1e}")
     return report
 
 

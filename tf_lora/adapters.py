@@ -403,11 +403,19 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     if merged:
         raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
     config = _file_config(metadata, path)
-    if config is not None:  # hyper-parameters first: a clearer message than the keys they change
-        _check_hyperparameters(model, name, config, path)
-    _check_base(model, name, metadata, path)
     missing = sorted(set(state) - set(tensors))
     extra = sorted(set(tensors) - set(state))
+    # Other layers than the model's: another architecture (or target_modules), said first.
+    # Same layers, other keys (e.g. a DoRA magnitude): the hyper-parameter check names why.
+    if {k.rsplit("/", 1)[0] for k in state} != {k.rsplit("/", 1)[0] for k in tensors}:
+        raise ValueError(
+            f"Adapter file {os.fspath(path)!r} does not fit this model (a different architecture "
+            f"or target_modules?). Keys missing from the file: {missing[:10]}; keys in the file "
+            f"but not in the model: {extra[:10]}."
+        )
+    if config is not None:  # hyper-parameters next: a clearer message than the keys they change
+        _check_hyperparameters(model, name, config, path)
+    _check_base(model, name, metadata, path)
     if missing or extra:
         raise ValueError(
             f"Adapter file {os.fspath(path)!r} does not fit this model (a different architecture "
