@@ -24,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 import tf_lora
 from tf_lora import peft as tf_peft
+from tf_lora.layers.embedding import LoRAReversibleEmbedding
 from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
 from tf_lora.surgery import walk
 
@@ -128,9 +129,13 @@ def test_name_table_rows_and_layout_match_the_converter(arch):
     hf = load_file(_dir(arch, "base", "model.safetensors"))
     hf_prefix = "" if arch == "bert" else "model."
     names = tf_peft.module_names(nmap, backbone.num_layers)
-    assert len(names) == backbone.num_layers * len(nmap.blocks) + len(nmap.top)
+    assert len(names) == backbone.num_layers * len(nmap.blocks) + len(nmap.top) + len(nmap.embeddings)
     for module, path in names.items():
         layer = layers[path]
+        if module in nmap.embeddings:  # an Embedding's (vocab, dim) weight is the table as it is
+            np.testing.assert_array_equal(layer.embeddings.numpy(), hf[hf_prefix + module + ".weight"], err_msg=module)
+            assert tf_peft._lora_shapes(layer) == ((layer.input_dim,), (layer.output_dim,))
+            continue
         in_shape, out_shape = tf_peft._lora_shapes(layer)
         kernel = hf[hf_prefix + module + ".weight"].T.reshape(in_shape + out_shape)
         if isinstance(layer, keras.layers.EinsumDense):
@@ -411,11 +416,13 @@ BAD = {
     "nan_weight": (lambda d: _rewrite_keys(d, lambda t: ((k, v * np.nan if "layers.1.mlp.up_proj.lora_B" in k else v)
                                                          for k, v in t.items())), ValueError, "NaN"),
     "unknown_feature": (lambda d: _edit_config(d, use_something_new=True), NotImplementedError, "use_something_new"),
-    "embedding_target": (lambda d: _edit_config(d, target_modules=["q_proj", "embed_tokens"]), NotImplementedError,
-                         "embed_tokens"),
-    "embedding_key": (lambda d: _rewrite_keys(d, lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A":
-                                                            np.zeros((4, 64), "float32")}.items()),
-                      NotImplementedError, "Embedding"),
+    "embedding_target_without_weights": (lambda d: _edit_config(d, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]), ValueError,
+        "targets \\['model.embed_tokens'\\] but .* holds no weights"),
+    "embedding_key_untargeted": (lambda d: _rewrite_keys(d, lambda t: {
+        **t, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 64), "float32"),
+        "base_model.model.model.embed_tokens.lora_embedding_B": np.zeros((32, 4), "float32")}.items()),
+        ValueError, "does not target"),
     "peft_type": (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
     "r_wrong_type": (lambda d: _edit_config(d, r=[4]), ValueError, "'r' is \\[4\\], expected a positive integer"),
     "header_not_an_object": (lambda d: _weights(d).write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]"), ValueError,
@@ -433,6 +440,32 @@ BAD = {
     "pickle_only": (lambda d: (os.remove(_weights(d)), (d / "adapter_model.bin").write_bytes(b"\x80\x04.")), ValueError,
                     "pickle"),
 }
+
+
+EMBED_BAD = {
+    "embedding_only_A": (lambda t: {k: v for k, v in t.items() if "lora_embedding_B" not in k}, ValueError,
+                         "lora_embedding_B"),
+    "embedding_linear_keys": (lambda t: {k.replace("lora_embedding_A", "lora_A.weight").replace(
+        "lora_embedding_B", "lora_B.weight"): v for k, v in t.items()}, ValueError, "expected \\['lora_embedding_A'"),
+    "embedding_shape": (lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 63), "float32")},
+                        ValueError, "shapes"),
+    "embedding_other_base_table": (lambda t: {**t, "base_model.model.model.embed_tokens.base_layer.weight": t[
+        "base_model.model.model.embed_tokens.base_layer.weight"] + 1}, ValueError, "base_layer.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(EMBED_BAD), ids=list(EMBED_BAD))
+def test_bad_embedding_adapter_raises_and_leaves_the_model_unchanged(case, llama_backbone, tmp_path):
+    edit, error, match = EMBED_BAD[case]
+    directory = tmp_path / "adapter_embed"
+    shutil.copytree(_dir("llama", "adapter_embed"), directory)
+    _rewrite_keys(directory, lambda t: edit(t).items())
+    before = _snapshot(llama_backbone)
+    with pytest.raises(error, match=match):
+        tf_lora.from_peft(llama_backbone, str(directory), inplace=True)
+    assert not _adapter_paths(llama_backbone) and not isinstance(llama_backbone, tf_lora.AdaptedModel)
+    for w, v in zip(before, llama_backbone.weights):
+        np.testing.assert_array_equal(w, v.numpy())
 
 
 @pytest.fixture(scope="module")
@@ -573,3 +606,95 @@ def test_from_peft_reads_a_peft_made_bert_pooler_in_modules_to_save(saved, tmp_p
     for k in theirs:
         assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
     assert np.max(np.abs(ours["pooled"] - _ref("bert")["base_pooled"])) > 0.05
+
+
+# -- Embedding targets (embed_tokens) ------------------------------------------------------------------------
+_EMBED_KEYS = ("base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B")
+
+
+def _embed_ref():
+    return np.load(_dir("llama", "ref_embed.npz"))
+
+
+@pytest.mark.parametrize("task", [False, True], ids=["backbone", "causal_lm"])
+def test_embed_tokens_target_equals_peft(task):
+    """PEFT's Embedding LoRA (``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), rsLoRA) on the
+    untied llama base + q_proj: the token embedding becomes a LoRAReversibleEmbedding and the
+    outputs are PEFT's (the untied LM head is not adapted, as in PEFT)."""
+    ref = _embed_ref()
+    model = _backbone("llama")
+    model = CAUSAL_LM["llama"](model, preprocessor=None) if task else model
+    assert not (model.backbone if task else model).token_embedding.tie_weights
+    adapted = tf_lora.from_peft(model, _dir("llama", "adapter_embed"))
+    embedding = (adapted.backbone if task else adapted).get_layer("token_embedding")
+    assert isinstance(embedding, LoRAReversibleEmbedding)
+    a, b = embedding.adapter_variables("default")
+    original = load_file(_dir("llama", "adapter_embed", "adapter_model.safetensors"))
+    np.testing.assert_array_equal(a.numpy(), original[_EMBED_KEYS[0]].T)
+    np.testing.assert_array_equal(b.numpy(), original[_EMBED_KEYS[1]].T)
+    assert embedding._spec("default")["use_rslora"] and embedding._spec("default")["rank"] == 4
+    diffs = _max_diff("llama", adapted, ref, "peft")
+    assert all(d <= ATOL for d in diffs.values()), diffs
+    if not task:
+        assert np.max(np.abs(_outputs("llama", adapted, ref["tokens"])["hidden"] - _ref("llama")["base_hidden"])) > 0.1
+
+
+def test_embed_tokens_export_round_trip_is_bit_exact(tmp_path):
+    model = tf_lora.from_peft(_backbone("llama"), _dir("llama", "adapter_embed"))
+    tf_lora.save_adapter(model, str(tmp_path / "out"), format="peft")
+    original = load_file(_dir("llama", "adapter_embed", "adapter_model.safetensors"))
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    # PEFT also saves the (unchanged) base table with an Embedding target; tf_lora leaves it out.
+    assert set(written) == {k for k in original if not k.endswith(".base_layer.weight")}
+    for key, value in written.items():
+        np.testing.assert_array_equal(value, original[key], err_msg=key)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["embed_tokens", "q_proj"]
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 6, True)
+    again = tf_lora.from_peft(_backbone("llama"), str(tmp_path / "out"))
+    ref = _embed_ref()
+    np.testing.assert_array_equal(_outputs("llama", again, ref["tokens"])["hidden"],
+                                  _outputs("llama", model, ref["tokens"])["hidden"])
+
+
+def test_peft_loads_a_tf_lora_embed_tokens_adapter(tmp_path):
+    torch = pytest.importorskip("torch", reason="the live PEFT tests need torch")
+    peft = pytest.importorskip("peft", reason="the live PEFT tests need peft")
+    config = tf_lora.LoRAConfig(rank=3, alpha=5, target_modules=["token_embedding", "query", "value"])
+    model = tf_lora.adapt(CAUSAL_LM["llama"](_backbone("llama"), preprocessor=None), config)
+    rng = np.random.default_rng(0)
+    for v in model.trainable_variables:
+        v.assign(rng.normal(0, 0.2, v.shape).astype("float32"))
+    tf_lora.save_adapter(model, str(tmp_path / "adapter"), format="peft")
+    assert set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))) >= set(_EMBED_KEYS)
+
+    peft_model = peft.get_peft_model(_hf_model("llama"), peft.LoraConfig.from_pretrained(str(tmp_path / "adapter")))
+    result = peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(str(tmp_path / "adapter")))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    loaded = peft.PeftModel.from_pretrained(_hf_model("llama"), str(tmp_path / "adapter")).eval()
+    assert type(loaded.get_base_model().model.embed_tokens).__name__ == "Embedding"  # peft.tuners.lora.Embedding
+    tokens = _embed_ref()["tokens"]
+    ours = np.asarray(model(_inputs("llama", tokens), training=False))
+    for theirs in (peft_model.eval(), loaded):
+        with torch.no_grad():
+            logits = theirs(input_ids=torch.tensor(tokens)).logits.numpy()
+        assert np.max(np.abs(ours - logits)) <= ATOL
+    assert np.max(np.abs(ours - _ref("llama")["base_logits"])) > 0.1
+
+
+def test_embed_tokens_on_a_tied_embedding_is_not_implemented(tmp_path):
+    """Qwen2's fixture ties the LM head to the table: tf_lora's adapted table would change the
+    logits, PEFT's Embedding LoRA does not. Both directions refuse, before anything changes."""
+    backbone = _backbone("qwen2")
+    assert backbone.token_embedding.tie_weights
+    before = _snapshot(backbone)
+    with pytest.raises(NotImplementedError, match="target_modules.*embed_tokens.*tied"):
+        tf_lora.from_peft(backbone, _dir("llama", "adapter_embed"), inplace=True)  # same shapes as qwen2's
+    assert not _adapter_paths(backbone)
+    for w, v in zip(before, backbone.weights):
+        np.testing.assert_array_equal(w, v.numpy())
+    model = tf_lora.adapt(backbone, tf_lora.LoRAConfig(rank=2, target_modules=["token_embedding", "query"]))
+    with pytest.raises(NotImplementedError, match="target_modules.*embed_tokens.*tied"):
+        tf_lora.save_adapter(model, str(tmp_path / "out"), format="peft")
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,14 @@ as ``W.T`` reshaped to exactly those axes, so
 and both sides scale by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Module names
 map through the per-architecture tables in `tf_lora.peft_maps`.
 
+An Embedding target (``embed_tokens`` of the decoders) is saved as
+``<module>.lora_embedding_A`` (r, vocab) and ``.lora_embedding_B`` (dim, r), and PEFT adds
+``scaling * A.T[ids] @ B.T`` to the input lookup only: tf_lora's `LoRAEmbedding` has
+``lora_a = A.T`` (vocab, r) and ``lora_b = B.T`` (r, dim), the same formula as above. A
+KerasHub token embedding tied to the LM head (``tie_weights``: Gemma always, Llama / Qwen
+with ``tie_word_embeddings``) would carry the update into the logits too, which PEFT does
+not do, so such a target is a `NotImplementedError` both ways.
+
 Everything is read and checked before the model changes: an unsupported PEFT feature is
 a `NotImplementedError` naming the field, anything that does not fit the model a
 `ValueError` naming the file and the key. tf_lora reads safetensors only, never a
@@ -66,6 +74,7 @@ def module_names(nmap: NameMap, num_layers: int) -> Dict[str, str]:
     names = {hf_block.format(i=i) + hf: keras_block.format(i=i) + k
              for i in range(num_layers) for hf, k in nmap.blocks.items()}
     names.update(nmap.top)
+    names.update(nmap.embeddings)
     return names
 
 
@@ -77,9 +86,20 @@ def _lora_shapes(layer) -> Tuple[tuple, tuple]:
         _, _, _, in_axes, out_axes = _einsum_lora_equations(layer.equation)
         dims = dict(zip(layer.equation.replace(" ", "").split("->")[0].split(",")[1], layer.kernel.shape))
         return tuple(dims[c] for c in in_axes), tuple(dims[c] for c in out_axes)
+    if isinstance(layer, keras.layers.Embedding):  # also KerasHub's ReversibleEmbedding: (vocab,) -> (dim,)
+        return (int(layer.input_dim),), (int(layer.output_dim),)
     if isinstance(layer, keras.layers.Dense):
         return (int(layer.kernel.shape[0]),), (int(layer.kernel.shape[1]),)
-    raise ValueError(f"Layer {layer.name!r} of type {type(layer).__name__} is not a Dense or EinsumDense layer.")
+    raise ValueError(f"Layer {layer.name!r} of type {type(layer).__name__} is not a Dense, EinsumDense or "
+                     "Embedding layer.")
+
+
+def _tied_embedding_error(where: str, module: str, path: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{where} puts a LoRA on the Embedding {module!r} (`target_modules` embed_tokens), but layer {path!r} is a "
+        "tied token embedding (`tie_weights=True`: the LM head reads the same table), so tf_lora's adapted table "
+        "would change the logits too, while PEFT adapts only the input lookup. tf_lora does not untie a KerasHub "
+        "embedding; use a model built with `tie_word_embeddings=False`, or leave embed_tokens out of `target_modules`.")
 
 
 # -- the plan: everything checked, nothing changed ---------------------------------------------------------
@@ -118,8 +138,10 @@ def plan(model, directory: str) -> Plan:
             if targets(config, full):
                 raise NotImplementedError(f"The PEFT adapter config {config_path!r} `target_modules` targets {full!r}, "
                                           f"{what}, which tf_lora does not adapt yet.")
-    # PEFT puts no LoRA inside a `modules_to_save` module ("all-linear" + modules_to_save=["pooler"]).
+    # PEFT puts no LoRA inside a `modules_to_save` module ("all-linear" + modules_to_save=["pooler"]),
+    # nor on an Embedding under "all-linear".
     expected = {prefix + hf for hf in names if targets(config, prefix + hf)
+                and (explicit or hf not in nmap.embeddings)
                 and not any(prefix + hf == s or (prefix + hf).startswith(s + ".") for s in saved_factors)}
     extra, missing = sorted(set(factors) - expected), sorted(expected - set(factors))
     if extra:
@@ -135,16 +157,28 @@ def plan(model, directory: str) -> Plan:
         layer = layers.get(path)
         if layer is None:
             raise ValueError(f"Adapter file {weights_path!r} key {module!r} maps to layer {path!r}, which the model lacks.")
-        pair = factors[module]
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"Adapter file {weights_path!r} has only {sorted(pair)} for module {module!r}.")
-        a, b = pair["lora_A"], pair["lora_B"]
+        pair = dict(factors[module])
+        embedding = module[len(prefix):] in nmap.embeddings
+        kinds = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        base = pair.pop("base_layer", None) if embedding else None
+        if set(pair) != set(kinds):
+            raise ValueError(f"Adapter file {weights_path!r} has {sorted(pair)} for module {module!r}, "
+                             f"expected {list(kinds)}.")
+        if embedding and getattr(layer, "tie_weights", False):
+            raise _tied_embedding_error(f"The PEFT adapter {config_path!r}", module, path)
+        a, b = pair[kinds[0]], pair[kinds[1]]
         rank = int(pattern_value(config.get("rank_pattern"), module, config["r"]))
         in_shape, out_shape = _lora_shapes(layer)
         want_a, want_b = (rank, math.prod(in_shape)), (math.prod(out_shape), rank)
         if a.shape != want_a or b.shape != want_b:
-            raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}.lora_A/B.weight has shapes "
+            names_ab = f".{kinds[0]}/B" if embedding else ".lora_A/B.weight"
+            raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}{names_ab} has shapes "
                              f"{a.shape}/{b.shape}, expected {want_a}/{want_b} for layer {path!r} (rank {rank}).")
+        if base is not None:  # PEFT saves the base table with an Embedding target: it must be the model's
+            table = keras.ops.convert_to_numpy(layer.embeddings).astype(np.float32)
+            if base.shape != table.shape or not np.array_equal(base, table):
+                raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}.base_layer.weight is not the "
+                                 f"model's table {path}.embeddings (another base checkpoint?).")
         weights[path] = (a.T.reshape(in_shape + (rank,)), b.T.reshape((rank,) + out_shape))
         ranks[path] = rank
         alphas[path] = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
@@ -238,7 +272,7 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
 
     Raises:
         NotImplementedError: a PEFT feature tf_lora does not support (`use_dora`, `lora_bias`,
-            Embedding targets, a `modules_to_save` module with no KerasHub layer, a head that
+            an Embedding target on a tied token embedding, a `modules_to_save` module with no KerasHub layer, a head that
             differs from a tied embedding table, ...) or an architecture without a name map.
         ValueError: an unreadable directory, a non-LoRA `peft_type`, keys naming layers the
             model lacks, shape mismatches. Nothing changes on any error.
@@ -314,13 +348,17 @@ def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: O
         hf = _hf_name(nmap, path[len(keras_prefix):], num_layers) if path.startswith(keras_prefix) else None
         if hf is None:
             raise ValueError(f"Layer {path!r} has an adapter but no Hugging Face name in tf_lora's {nmap.name} "
-                             f"table ({sorted(nmap.blocks.values()) + sorted(nmap.top.values())}), so PEFT could not load it.")
+                             f"table ({sorted(nmap.blocks.values()) + sorted(nmap.top.values()) + sorted(nmap.embeddings.values())}), so PEFT could not load it.")
         spec = layer._spec(adapter_name)
+        module = prefix + hf
+        embedding = hf in nmap.embeddings
+        if embedding and getattr(layer, "tie_weights", False):
+            raise _tied_embedding_error(f"Adapter {adapter_name!r} of {model.name!r}", module, path)
         a, b = (keras.ops.convert_to_numpy(v).astype(np.float32) for v in layer.adapter_variables(adapter_name))
         r = int(spec["rank"])
-        module = prefix + hf
-        tensors[f"{ROOT}{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
-        tensors[f"{ROOT}{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+        names_ab = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
+        tensors[f"{ROOT}{module}{names_ab[0]}"] = np.ascontiguousarray(a.reshape(-1, r).T)
+        tensors[f"{ROOT}{module}{names_ab[1]}"] = np.ascontiguousarray(b.reshape(r, -1).T)
         ranks[module], alphas[module] = r, float(spec["alpha"])
         rslora.add(bool(spec["use_rslora"]))
     if not tensors:

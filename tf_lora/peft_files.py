@@ -246,19 +246,25 @@ def split_saved_key(key: str, config: dict) -> Optional[Tuple[str, str]]:
 
 
 def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
-    """``(module name, "lora_A" | "lora_B")`` of a saved key; raises on anything else."""
-    for kind in ("lora_A", "lora_B"):
-        suffix = f".{kind}.weight"
+    """``(module name, kind)`` of a saved key; raises on anything else.
+
+    `kind` is ``"lora_A"`` / ``"lora_B"`` (``<module>.lora_A.weight``, a Linear),
+    ``"lora_embedding_A"`` / ``"lora_embedding_B"`` (``<module>.lora_embedding_A``, an
+    Embedding; PEFT keeps them as bare parameters, no ``.weight``) or ``"base_layer"``
+    (``<module>.base_layer.weight``: the base table PEFT saves with an Embedding target).
+    """
+    for kind, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
+                         ("lora_embedding_A", ".lora_embedding_A"), ("lora_embedding_B", ".lora_embedding_B"),
+                         ("base_layer", ".base_layer.weight")):
         if key.startswith(ROOT) and key.endswith(suffix):
             return key[len(ROOT) : -len(suffix)], kind
-    features = (("lora_embedding_", "Embedding targets (`lora_embedding_A/B`)"), ("lora_magnitude_vector", "`use_dora`"),
-                (".lora_A.bias", "`lora_bias`"), (".lora_B.bias", "`lora_bias`"))
+    features = (("lora_magnitude_vector", "`use_dora`"), (".lora_A.bias", "`lora_bias`"), (".lora_B.bias", "`lora_bias`"))
     for marker, feature in features:
         if marker in key:
             raise NotImplementedError(f"Adapter file {path!r} key {key!r} needs {feature}, which tf_lora does not support.")
     raise ValueError(f"Adapter file {path!r} key {key!r} is not a PEFT LoRA weight (expected "
-                     f"'{ROOT}<module>.lora_A.weight' or '.lora_B.weight').")
-
+                     f"'{ROOT}<module>.lora_A.weight' or '.lora_B.weight', or '.lora_embedding_A' / "
+                     "'.lora_embedding_B' for an Embedding).")
 
 
 def write_peft_directory(directory: str, config: dict, tensors: Dict[str, np.ndarray]) -> int:

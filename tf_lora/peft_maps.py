@@ -33,6 +33,9 @@ class NameMap:
         block: ``(hf, keras)`` prefix of one transformer block, with ``{i}`` its index.
         blocks: Hugging Face name inside a block -> KerasHub path inside the block.
         top: Hugging Face name outside the blocks -> KerasHub path in the backbone.
+        embeddings: Embedding modules PEFT can put a LoRA on (``lora_embedding_A`` (r, vocab),
+            ``lora_embedding_B`` (dim, r); never under "all-linear") -> KerasHub path in the
+            backbone (a tf_lora `LoRAEmbedding` / `LoRAReversibleEmbedding` there).
         unsupported: Modules PEFT can target that tf_lora cannot adapt: name relative to
             the base model (embeddings) -> what it is.
         outer: The same for modules of the task model outside the base model (LM head,
@@ -58,6 +61,7 @@ class NameMap:
     block: Tuple[str, str]
     blocks: Mapping[str, str]
     top: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    embeddings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
     outer: Mapping[str, str] = dataclasses.field(default_factory=dict)
     saved: Mapping[str, Tuple[str, Mapping[str, str]]] = dataclasses.field(default_factory=dict)
@@ -65,13 +69,14 @@ class NameMap:
     task_type: Optional[str] = None
 
 
-_DECODER_UNSUPPORTED = {"embed_tokens": "an Embedding target"}
+# convert_*.py: embed_tokens.weight -> token_embedding.embeddings (a ReversibleEmbedding; tied or not).
+_DECODER_EMBEDDINGS = {"embed_tokens": "token_embedding"}
 _DECODER_OUTER = {"lm_head": "the LM head (a tied or reversible embedding in KerasHub)"}
 # convert_llama3.py / convert_qwen.py / convert_mistral.py / convert_gemma.py: embed_tokens.weight ->
 # token_embedding.embeddings; lm_head.weight -> token_embedding.reverse_embeddings (transposed) unless tied.
 _DECODER_SAVED = {"embed_tokens": ("token_embedding", {"weight": "embeddings"})}
 _DECODER_SAVED_OUTER = {"lm_head": ("token_embedding", {"weight": "reverse_embeddings.T"})}
-_DECODER = dict(unsupported=_DECODER_UNSUPPORTED, outer=_DECODER_OUTER, saved=_DECODER_SAVED,
+_DECODER = dict(embeddings=_DECODER_EMBEDDINGS, outer=_DECODER_OUTER, saved=_DECODER_SAVED,
                 saved_outer=_DECODER_SAVED_OUTER, task_type="CAUSAL_LM")
 
 # convert_llama3.py (Llama3Backbone), convert_qwen.py (QwenBackbone) and
