@@ -20,7 +20,7 @@ Both record their adapters in their config, so a `.keras` file restores them.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import keras
 import tensorflow as tf

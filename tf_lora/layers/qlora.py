@@ -65,6 +65,20 @@ class _NF4Base:
     subclasses read the base kernel through `_base_kernel()`.
     """
 
+    @classmethod
+    def from_layer(cls, layer, quantization: Union[QLoRAConfig, Mapping, None] = None, rank: int = 8,
+                   alpha: float = 32.0, dropout: float = 0.0, use_rslora: bool = False,
+                   lora_init: str = "he_uniform", **kwargs):
+        """A built adapter with `layer`'s name, dtype policy, bias and NF4-quantized kernel
+        (or table), for every QLoRA class: the float class's `from_layer` plus `quantization`.
+
+        `layer` is not modified. Raises `ValueError` naming the layer if its kernel holds NaN/Inf.
+        """
+        return super().from_layer(
+            layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+            lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
+        )
+
     def __init__(self, *args, quantization: Union[QLoRAConfig, Mapping, None] = None, **kwargs):
         quantization = _as_quantization(quantization)
         super().__init__(*args, **kwargs)
@@ -295,19 +309,6 @@ class QLoRADense(_NF4Base, LoRADense):
         y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         return self._cast_out(y)
 
-    @classmethod
-    def from_layer(cls, layer: keras.layers.Dense, quantization: Union[QLoRAConfig, Mapping, None] = None,
-                   rank: int = 8, alpha: float = 32.0, dropout: float = 0.0, use_rslora: bool = False,
-                   lora_init: str = "he_uniform", **kwargs) -> "QLoRADense":
-        """A built `QLoRADense` with `layer`'s name, dtype policy, bias and NF4-quantized kernel.
-
-        `layer` is not modified. Raises `ValueError` naming the layer if its kernel holds NaN/Inf.
-        """
-        return super().from_layer(
-            layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
-        )
-
     def to_base_layer(self) -> keras.layers.Dense:
         """A plain built `keras.layers.Dense` with the dequantized kernel plus the LoRA
         update, and this layer's regularizers and constraints."""
@@ -344,15 +345,4 @@ class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
         kernel, torch_layout = self._base_kernel()
         equation = self._torch_equation if torch_layout else self.equation
         return self._cast_out(tf.einsum(equation, self._cast_in(inputs), kernel))
-
-    @classmethod
-    def from_layer(cls, layer: keras.layers.EinsumDense,
-                   quantization: Union[QLoRAConfig, Mapping, None] = None, rank: int = 8,
-                   alpha: float = 32.0, dropout: float = 0.0, use_rslora: bool = False,
-                   lora_init: str = "he_uniform", **kwargs) -> "QLoRAEinsumDense":
-        """A built `QLoRAEinsumDense` with `layer`'s name, dtype policy, bias and NF4 kernel."""
-        return super().from_layer(
-            layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
-        )
 

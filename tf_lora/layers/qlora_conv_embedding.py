@@ -16,18 +16,15 @@ the whole table and dequantizes it, as `QLoRADense` does its kernel.
 
 from __future__ import annotations
 
-from typing import Mapping, Union
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from tf_lora import nf4
-from tf_lora.config import QLoRAConfig
 from tf_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
 from tf_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding
-from tf_lora.layers.qlora import _CODEBOOK, _DYNAMIC_MAP, _as_quantization, _NF4Base
+from tf_lora.layers.qlora import _CODEBOOK, _DYNAMIC_MAP, _NF4Base
 
 
 class _QLoRAConv(_NF4Base):
@@ -38,16 +35,6 @@ class _QLoRAConv(_NF4Base):
         if torch_layout:  # (out, k..., in) -> the conv layout (k..., in, out)
             kernel = tf.transpose(kernel, [*range(1, len(self.kernel_shape)), 0])
         return self._cast_out(self._conv(self._cast_in(inputs), kernel))
-
-    @classmethod
-    def from_layer(cls, layer, quantization: Union[QLoRAConfig, Mapping, None] = None, rank: int = 8,
-                   alpha: float = 32.0, dropout: float = 0.0, use_rslora: bool = False,
-                   lora_init: str = "he_uniform", **kwargs):
-        """A built adapter with `layer`'s name, dtype policy, bias and NF4-quantized kernel."""
-        return super().from_layer(
-            layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
-        )
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
@@ -122,16 +109,6 @@ class _QLoRATable(_NF4Base):
         self._set_base_kernel(ops.convert_to_numpy(layer.embeddings).T, layer.name)
         if getattr(self, "reverse_embeddings", None) is not None:
             self.reverse_embeddings.assign(ops.convert_to_numpy(layer.reverse_embeddings))
-
-    @classmethod
-    def from_layer(cls, layer, quantization: Union[QLoRAConfig, Mapping, None] = None, rank: int = 8,
-                   alpha: float = 32.0, dropout: float = 0.0, use_rslora: bool = False,
-                   lora_init: str = "he_uniform", **kwargs):
-        """A built adapter with `layer`'s name, dtype policy and NF4-quantized table."""
-        return super().from_layer(
-            layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
-        )
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
