@@ -173,6 +173,34 @@ class _NF4Base:
             return tf.cast(kernel, dtype), False
         return tf.stop_gradient(tf.cast(self._dequantize(), dtype)), True
 
+    def _nf4_product(self, x, forward, backward):
+        """``forward(x, K)`` for the dequantized kernel K (torch layout, `base_compute_dtype`),
+        differentiable in `x` only, with ``backward(dy, K)`` giving dx.
+
+        The backward pass dequantizes K again instead of keeping the forward's float
+        kernel alive until then (as bitsandbytes' 4-bit matmul does), so a train step holds
+        at most a layer's float kernel at a time, not one per layer: the peak memory of
+        QLoRA training stays near the 4-bit model's, at the cost of a second pass over
+        the codes (`benchmarks/bench_models.py`).
+        """
+        dtype = self.base_compute_dtype
+
+        def kernel(after):
+            # Dequantize only once `after` exists: a graph would otherwise run every layer's
+            # dequantization as early as it can and hold all the float kernels at once.
+            with tf.control_dependencies([after]):
+                return tf.cast(self._dequantize(), dtype)
+
+        @tf.custom_gradient
+        def product(x):
+            def grad(dy, variables=None):
+                dx = backward(dy, kernel(dy))
+                return (dx, [None] * len(variables)) if variables else dx
+
+            return forward(x, kernel(x)), grad
+
+        return product(x)
+
     def _regularized_kernel(self) -> tf.Tensor:
         """The base kernel the layer computes with, float32 in Keras layout (dequantized)."""
         if self.fake_quant:
@@ -302,10 +330,12 @@ class QLoRADense(_NF4Base, LoRADense):
     """
 
     def _base_call(self, inputs):
-        kernel, torch_layout = self._base_kernel()
         x = self._cast_in(inputs)
         flat = tf.reshape(x, [-1, self.kernel_shape[0]])
-        y = tf.matmul(flat, kernel, transpose_b=torch_layout)
+        if self.fake_quant:
+            y = tf.matmul(flat, self._base_kernel()[0])
+        else:  # y = x K^T, dx = dy K with K (out, in)
+            y = self._nf4_product(flat, lambda a, k: tf.matmul(a, k, transpose_b=True), tf.matmul)
         y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         return self._cast_out(y)
 
@@ -339,10 +369,19 @@ class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
         super().__init__(equation, output_shape, *args, **kwargs)
         lhs, out = equation.replace(" ", "").split("->")
         x_sub, k_sub = lhs.split(",")
-        self._torch_equation = f"{x_sub},{k_sub[-1]}{k_sub[:-1]}->{out}"
+        k_torch = f"{k_sub[-1]}{k_sub[:-1]}"
+        self._torch_equation = f"{x_sub},{k_torch}->{out}"
+        # dx = einsum(dy, K): possible when each input axis is an output or a kernel axis.
+        letters = set(x_sub.replace(".", ""))
+        self._input_grad_equation = (f"{out},{k_torch}->{x_sub}"
+                                     if letters <= set(out + k_torch) else None)
 
     def _base_call(self, inputs):
-        kernel, torch_layout = self._base_kernel()
-        equation = self._torch_equation if torch_layout else self.equation
-        return self._cast_out(tf.einsum(equation, self._cast_in(inputs), kernel))
+        x = self._cast_in(inputs)
+        if self.fake_quant or self._input_grad_equation is None:
+            kernel, torch_layout = self._base_kernel()
+            return self._cast_out(tf.einsum(self._torch_equation if torch_layout else self.equation, x, kernel))
+        y = self._nf4_product(x, lambda a, k: tf.einsum(self._torch_equation, a, k),
+                              lambda g, k: tf.einsum(self._input_grad_equation, g, k))
+        return self._cast_out(y)
 
