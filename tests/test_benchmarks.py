@@ -10,10 +10,11 @@ import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 SCRIPTS = ("bench_lora.py", "bench_scaling.py", "bench_qlora.py", "bench_attention.py", "bench_adapt_memory.py",
-           "bench_variants.py", "bench_checkpointing.py")
+           "bench_variants.py", "bench_checkpointing.py", "bench_models.py")
 # bench_attention's --quick still runs N = 1024..4096 (minutes on 2 cores); a single
 # small N keeps this smoke test short.
-SMALLER = {"bench_attention.py": ["--sizes", "256", "--repeats", "1"]}
+SMALLER = {"bench_attention.py": ["--sizes", "256", "--repeats", "1"],
+           "bench_models.py": ["--archs", "gemma", "--modes", "graph"]}  # its --quick runs 2 archs x 3 modes
 TABLE_RULE = re.compile(r"^\s*(-{10,}|\|(\s*-{3,}\s*\|)+)\s*$", re.MULTILINE)  # "-----" or "|---|---|"
 RATIO = re.compile(r"ratio", re.IGNORECASE)
 
