@@ -529,3 +529,23 @@ def test_peak_memory_stays_far_below_the_score_matrix(causal):
     [np.asarray(x) for x in tf.nest.flatten(step(q, k, v))]
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
     assert peak < 24 * 2**20, peak  # measured 8 MiB (full attention: 211 MiB)
+
+
+def _op_types(fn, *args):
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return {"While" if "While" in op.type else op.type for op in graph.get_operations()}
+
+
+def test_default_runs_fused_up_to_fused_max_bytes():
+    """8 heads x 1448^2 float32 scores fit FUSED_MAX_BYTES (64 MiB): by default one fused
+    pass (no loop), equal to Keras's attention; a given 16 MiB budget is a hard limit and
+    takes the chunked loop; just above the threshold the default is chunked too."""
+    from tf_lora.layers.chunked_op import FUSED_MAX_BYTES
+    q = tf.random.stateless_normal([1, 1448, 8, 16], seed=[1, 2])
+    assert 4 * 8 * 1448 * 1448 <= FUSED_MAX_BYTES < 4 * 8 * 1456 * 1456
+    assert "While" not in _op_types(lambda q: chunked_attention(q, q, q, causal=True), q)
+    assert "While" in _op_types(lambda q: chunked_attention(q, q, q, causal=True, max_memory_bytes=16 * 2**20), q)
+    longer = tf.random.stateless_normal([1, 1456, 8, 16], seed=[1, 3])
+    assert "While" in _op_types(lambda q: chunked_attention(q, q, q), longer)
+    want = keras.ops.dot_product_attention(q, q, q, is_causal=True)
+    np.testing.assert_allclose(np.asarray(chunked_attention(q, q, q, causal=True)), np.asarray(want), atol=2e-6)

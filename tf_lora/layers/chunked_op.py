@@ -31,6 +31,14 @@ DEFAULT_MAX_MEMORY_BYTES = 16 * 2**20
 16 MiB, i.e. 1024 x 512 tiles for 8 heads (fastest forward + backward measured
 on CPU: larger tiles amortise the per-tile work, smaller ones the cache)."""
 
+FUSED_MAX_BYTES = 64 * 2**20
+"""With neither chunk sizes nor `max_memory_bytes` given, a whole float32 score matrix of
+at most this size (N = 1,448 for 8 heads, batch 1) runs as one fused pass of plain ops,
+the same einsums as Keras' attention: below it the chunked loop's tile overhead and its
+recomputing backward (one more score matmul) cost more than they save. bench_attention.py
+measured the fused pass at 0.79-1.05x full attention for N = 512 ... 1,448 (noise on this
+machine is about +-30% between runs) and the chunked path at 0.85-1.36x for N = 1,536-2,048."""
+
 _NEG = -1e30  # score of a masked entry: finite, far below any real score
 _LIMIT = math.exp(40.0)  # largest tile row sum the forward fast path accepts
 _Int = Union[int, tf.Tensor]  # a length known at trace time, or a scalar tensor
@@ -192,7 +200,10 @@ def chunked_attention(
         key_chunk_size: Keys per chunk, same rules.
         max_memory_bytes: Budget for one float32 score tile of all batch
             elements and heads, ``batch * heads * cq * ck * 4`` bytes; sets the
-            chunk sizes not given. Defaults to 16 MiB.
+            chunk sizes not given. Defaults to 16 MiB tiles; by default a
+            whole score matrix of at most `FUSED_MAX_BYTES` (64 MiB) is computed
+            in one fused pass instead (faster at such lengths, equally exact).
+            A given budget is a hard limit: fused only if the matrix fits it.
         dropout: Attention dropout rate in [0, 1), on the probabilities.
         training: Dropout is applied only when `True`.
         seed: Dropout seed: an int, a `keras.random.SeedGenerator` or a (2,)
@@ -287,10 +298,12 @@ def masked_chunked_attention(
         pads = [[0, 0], [0, 0], [0, q_pad], [0, k_pad]]
         return tf.pad(m, pads, constant_values=False)
 
-    if _static(batch, q_len, k_len) and cq >= q_len and ck >= k_len and query_chunk_size is None \
-            and key_chunk_size is None:
-        # The whole score matrix fits the budget: one fused pass (plain ops, autodiff) is
-        # as exact and avoids the loops' overhead (bench_attention.py: short lengths).
+    static = _static(batch, q_len, k_len)
+    fits = static and ((cq >= q_len and ck >= k_len)
+                       or (max_memory_bytes is None and 4 * batch * heads * q_len * k_len <= FUSED_MAX_BYTES))
+    if fits and query_chunk_size is None and key_chunk_size is None:
+        # The whole score matrix fits the budget (default: FUSED_MAX_BYTES): one fused pass
+        # (plain ops, autodiff) is as exact and avoids the loops' overhead.
         plan = _Plan(masks, causal, sliding_window, q_len, k_len, q_len, k_len, rate,
                      _seed_tensor(seed) if rate > 0 else None)
         return tf.cast(_fused(query, key, value, scale, plan), out_dtype)
@@ -375,17 +388,16 @@ def _fused(query, key, value, scale, plan: "_Plan") -> tf.Tensor:
     """Attention with the whole (B, H, T_q, T_k) score matrix at once, float32, with the
     chunked path's conventions: masked scores `_NEG`, a row that sees no key averages
     the values, dropout on the probabilities."""
-    q = tf.transpose(tf.cast(query, tf.float32), [0, 2, 1, 3]) * scale
-    k = tf.transpose(tf.cast(key, tf.float32), [0, 2, 1, 3])
-    v = tf.transpose(tf.cast(value, tf.float32), [0, 2, 1, 3])
-    s = tf.matmul(q, k, transpose_b=True)
+    # einsums in the (B, T, H, D) layout, as Keras' attention: no explicit transposes.
+    q = tf.cast(query, tf.float32) * scale
+    s = tf.einsum("bqhd,bkhd->bhqk", q, tf.cast(key, tf.float32), optimize="optimal")
     valid = plan.visible(0, 0)
     if valid is not None:
         s = tf.where(valid, s, _NEG)  # an all-masked row: uniform weights, mean(v)
     p = tf.nn.softmax(s, axis=-1)
     if plan.rate:
         p = p * plan.keep(p, 0, 0)
-    return tf.transpose(tf.matmul(p, v), [0, 2, 1, 3])
+    return tf.einsum("bhqk,bkhd->bqhd", p, tf.cast(value, tf.float32), optimize="optimal")
 
 
 def _append(x: tf.Tensor, column) -> tf.Tensor:
