@@ -59,7 +59,8 @@ class ChunkedAttention(keras.layers.MultiHeadAttention):
             `max_memory_bytes`.
         key_chunk_size: Keys per chunk, or `None` to derive it.
         max_memory_bytes: Budget for one float32 score tile of all batch
-            elements and heads; see `chunked_attention`. Defaults to 16 MiB.
+            elements and heads; see `chunked_attention`. Defaults to 16 MiB
+            tiles, with a whole score matrix up to 64 MiB computed fused.
         **kwargs: Keyword arguments of `keras.layers.MultiHeadAttention`.
 
     Example:
