@@ -21,7 +21,7 @@ from harness import run_layer_test
 from models import WEIGHT_OPTIONS, mha_classifier, reference_losses, regularized_model, total_loss
 from tf_lora import nf4
 from tf_lora.adapt import walk
-from tf_lora.layers.lora import LoRALayer
+from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer
 from tf_lora.layers.qlora import QLoRADense, QLoRAEinsumDense
 from tf_lora.memory import memory_report, print_memory_report
 
@@ -491,7 +491,8 @@ def test_gradients_match_numpy(equation, output_shape, input_shape, jit_compile)
     x_sub, k_sub = lhs.split(",")
     np.testing.assert_allclose(got[0], np.einsum(f"{out},{k_sub}->{x_sub}", _f64(dy), total), rtol=1e-4, atol=1e-4)
     # The adapter factors: as the float LoRA layer's autodiff over the dequantized kernel.
-    float_layer = type(layer).__mro__[2].from_layer(layer.to_base_layer(), rank=3, alpha=6)
+    float_cls = LoRADense if isinstance(layer, QLoRADense) else LoRAEinsumDense
+    float_layer = float_cls.from_layer(layer.to_base_layer(), rank=3, alpha=6)
     float_layer.kernel.assign(layer.base_kernel_value())
     float_layer.lora_a.assign(layer.lora_a)
     float_layer.lora_b.assign(layer.lora_b)
