@@ -26,13 +26,15 @@ hundreds of ms here, is not counted);
 rounds. Peak memory comes from one fresh process per variant (TensorFlow's BFC allocator
 peak during a train step, weights and optimizer state included). ``--loss-curve`` trains
 tf_lora LoRA in float32 and mixed_bfloat16 from the same start on the same batches and
-prints the largest relative loss difference. ``--peft`` adds Hugging Face PEFT on
+prints the largest relative loss difference. ``--dequant`` times one pass over every
+quantized kernel (tf_lora's NF4 dequantization against Keras int4's unpack and its
+dequantization), what bounds the QLoRA ratio. ``--peft`` adds Hugging Face PEFT on
 torch 2.13.0 CPU (the same architectures and sizes, LoRA r=8 on q_proj/v_proj) as an
 external reference, in its own process; it needs ``pip install "torch==2.13.0"
 transformers peft`` and is never a tf_lora dependency.
 
     python benchmarks/bench_models.py [--sizes small large] [--archs gemma llama3]
-        [--modes graph jit bf16] [--rounds 5] [--no-memory] [--loss-curve] [--peft] [--json out.json]
+        [--modes graph jit bf16] [--rounds 5] [--no-memory] [--dequant] [--loss-curve] [--peft] [--json out.json]
     python benchmarks/bench_models.py --quick      # a 2-block smoke run of every path
 """
 
@@ -146,6 +148,39 @@ elif task["kind"] == "memory":
     resident = tf.config.experimental.get_memory_info("CPU:0")["current"]
     m.fit(ds, steps_per_epoch=1, epochs=1, verbose=0)
     out = {"resident_bytes": int(resident), "peak_bytes": int(tf.config.experimental.get_memory_info("CPU:0")["peak"])}
+elif task["kind"] == "dequant":
+    # One pass over every quantized kernel, as each layer's train step does it: tf_lora's NF4
+    # dequantization (twice a step: forward and backward) against Keras int4's unpack (once a
+    # step) and its scale/zero-point dequantization (twice: forward and backward), following
+    # Keras' EinsumDense._int4_call. Each kernel is summed so nothing is pruned.
+    from keras.src import quantizers
+    from keras.src.layers.core.einsum_dense import dequantize_with_sz_map
+    q, k4 = make("tf_qlora"), make("keras_int4")
+    ql = [l for l in q._flatten_layers() if isinstance(l, (tf_lora.QLoRADense, tf_lora.QLoRAEinsumDense))]
+    kl = [l for l in k4._flatten_layers() if getattr(l, "quantization_mode", None) == "int4"]
+    unpack = lambda l: quantizers.unpack_int4(tf.convert_to_tensor(l._kernel), l._int4_unpacked_column_size,
+                                              axis=-1, dtype="int8")
+    def scale(l, u):
+        if getattr(l, "_int4_block_size", None) in (None, -1):
+            return tf.cast(u, "float32") / l.kernel_scale
+        return dequantize_with_sz_map(u, tf.convert_to_tensor(l.kernel_scale), tf.convert_to_tensor(l.kernel_zero),
+                                      tf.convert_to_tensor(l.g_idx), group_axis=0)
+    unpacked = [unpack(l) for l in kl]
+    passes = {
+        "tf_nf4_dequantize": tf.function(lambda: tf.add_n([tf.reduce_sum(l._dequantize()) for l in ql])),
+        "keras_int4_unpack": tf.function(lambda: tf.add_n([tf.reduce_sum(tf.cast(unpack(l), "float32")) for l in kl])),
+        "keras_int4_dequantize": tf.function(lambda: tf.add_n([tf.reduce_sum(tf.cast(scale(l, u), "float32"))
+                                                               for l, u in zip(kl, unpacked)])),
+        "sum_only": tf.function(lambda: tf.add_n([tf.reduce_sum(tf.cast(u, "float32")) for u in unpacked])),
+    }
+    for f in passes.values():
+        f()
+    times = {n: [] for n in passes}
+    for _ in range(task["rounds"]):
+        for n, f in passes.items():
+            t = time.perf_counter(); f().numpy(); times[n].append(time.perf_counter() - t)
+    out = {n: float(np.median(v)) for n, v in times.items()}
+    out["weights"] = int(sum(np.prod(l.kernel_shape) for l in ql))
 elif task["kind"] == "curve":
     m = make("tf_lora")
     m.compile(optimizer=keras.optimizers.Adam(2e-3),
@@ -238,6 +273,27 @@ def print_speed(arch, size, mode, res):
               f"{r['step_s'] / r['fwd_s']:9.2f}  {ratio}")
 
 
+def machine() -> dict:
+    """The CPU the figures come from: its name, cores, and whether it has bfloat16 instructions
+    (without AVX512-BF16 / AMX-BF16, ``mixed_bfloat16`` is emulated and slower than float32)."""
+    info = {"cpu": "unknown", "cores": os.cpu_count(), "bf16_instructions": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and info["cpu"] == "unknown":
+            info["cpu"] = value.strip()
+        if key.strip() == "flags":
+            flags = value.split()
+            info["bf16_instructions"] = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+            info["avx512"] = "avx512f" in flags
+            break
+    return info
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"])
@@ -248,6 +304,8 @@ def main(argv=None) -> dict:
     p.add_argument("--memory-modes", nargs="+", choices=("graph", "bf16"),
                    help="modes of the peak-memory runs (default: those of --modes but jit)")
     p.add_argument("--loss-curve", action="store_true", help="float32 vs mixed_bfloat16 loss curves (tf_lora LoRA)")
+    p.add_argument("--dequant", action="store_true",
+                   help="time one dequantization pass over the quantized kernels, tf_lora NF4 vs Keras int4")
     p.add_argument("--peft", action="store_true", help="also time Hugging Face PEFT on torch (optional)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--quick", action="store_true", help="tiny 2-block model, 1 round: a smoke run of every path")
@@ -255,7 +313,10 @@ def main(argv=None) -> dict:
     sizes = ["quick"] if args.quick else args.sizes
     rounds = 1 if args.quick else args.rounds
     memory_modes = args.memory_modes or [m for m in args.modes if m != "jit"]
-    report = {"speed": {}, "memory": {}, "curve": {}, "peft": {}}
+    report = {"machine": machine(), "speed": {}, "memory": {}, "dequant": {}, "curve": {}, "peft": {}}
+    m = report["machine"]
+    print(f"CPU: {m['cpu']}, {m['cores']} cores, AVX512 {'yes' if m.get('avx512') else 'no'}, "
+          f"bfloat16 instructions: {', '.join(m['bf16_instructions']) or 'none (bf16 is emulated)'}")
     for size in sizes:
         for arch in args.archs:
             for mode in args.modes:
@@ -278,6 +339,18 @@ def main(argv=None) -> dict:
                     q, k4 = mem[f"tf_qlora/{mode}"]["peak_bytes"], mem[f"keras_int4/{mode}"]["peak_bytes"]
                     lo, kl = mem[f"tf_lora/{mode}"]["peak_bytes"], mem[f"keras_lora/{mode}"]["peak_bytes"]
                     print(f"  {mode}: tf_qlora / keras_int4 peak {q / k4:.2f} (goal < 1); tf_lora / keras_lora {lo / kl:.2f}")
+            if args.dequant or args.quick:
+                d = _run(CHILD, _task("dequant", arch, size, rounds=max(3, 3 * rounds)))
+                report["dequant"][f"{arch}/{size}"] = d
+                ms = {n: v * 1e3 for n, v in d.items() if n != "weights"}
+                ours = 2 * ms["tf_nf4_dequantize"]
+                theirs = ms["keras_int4_unpack"] + 2 * ms["keras_int4_dequantize"]
+                print(f"\n{arch} {size}: one pass over the {d['weights']:,d} quantized weights (ms, a sum of each "
+                      f"kernel included; that sum alone: {ms['sum_only']:.1f})")
+                print(f"  tf_lora NF4 dequantize {ms['tf_nf4_dequantize']:.1f}; Keras int4 unpack "
+                      f"{ms['keras_int4_unpack']:.1f}, dequantize {ms['keras_int4_dequantize']:.1f}")
+                print(f"  per train step: tf_lora 2 x dequantize = {ours:.1f}; Keras unpack + 2 x dequantize = "
+                      f"{theirs:.1f}; ratio {ours / theirs:.2f}")
             if args.peft:
                 try:
                     res = _run(PEFT_CHILD, dict(arch=arch, size=SIZES[size], vocab=VOCAB, heads=HEADS, rounds=rounds,
