@@ -20,11 +20,15 @@ import bench_checkpointing  # noqa: E402
 
 
 def _loss_and_grads(arch, checkpointing):
+    """`checkpointing`: False, True (the config: every block recomputed) or "not_last"
+    (`enable_gradient_checkpointing(recompute_last=False)` on the adapted model)."""
     keras.utils.set_random_seed(0)
     model = H.FACTORIES[arch]()
     x = H.inputs(model)
     adapted = tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, dropout=0.2, target_modules="all-linear",
-                                                       gradient_checkpointing=checkpointing))
+                                                       gradient_checkpointing=checkpointing is True))
+    if checkpointing == "not_last":
+        tf_lora.enable_gradient_checkpointing(adapted, recompute_last=False)
     for i, v in enumerate(adapted.lora_variables):
         v.assign(np.random.default_rng(i).normal(0, 0.1, v.shape).astype("float32"))
 
@@ -41,12 +45,14 @@ def _loss_and_grads(arch, checkpointing):
 @pytest.mark.parametrize("arch", ["gpt2", "gemma", "llama3", "bert"])
 def test_same_loss_and_gradients_with_dropout(arch):
     _, (loss0, grads0) = _loss_and_grads(arch, False)
-    model, (loss1, grads1) = _loss_and_grads(arch, True)
-    blocks = tf_lora.checkpointed_blocks(model)
-    assert len(blocks) == 2 and all("transformer_layer" in b or "decoder_block" in b for b in blocks), blocks
-    assert float(loss0) == pytest.approx(float(loss1), abs=1e-7)
-    for g0, g1 in zip(grads0, grads1):
-        np.testing.assert_allclose(g1.numpy(), g0.numpy(), atol=1e-6)
+    for mode, expected in ((True, 2), ("not_last", 1)):
+        model, (loss1, grads1) = _loss_and_grads(arch, mode)
+        blocks = tf_lora.checkpointed_blocks(model)
+        assert len(blocks) == expected and all("transformer_layer" in b or "decoder_block" in b for b in blocks), blocks
+        assert blocks[0].endswith("_0"), blocks  # recompute_last=False leaves block 1 out
+        assert float(loss0) == pytest.approx(float(loss1), abs=1e-7), mode
+        for g0, g1 in zip(grads0, grads1):
+            np.testing.assert_allclose(g1.numpy(), g0.numpy(), atol=1e-6, err_msg=str(mode))
 
 
 def test_generate_keras_round_trip_and_disable(tmp_path):
@@ -71,11 +77,16 @@ def test_generate_keras_round_trip_and_disable(tmp_path):
 
 
 def test_peak_memory_halves_in_fresh_processes():
-    off = bench_checkpointing.measure(False, seq=256, batch=4, layers=4, steps=1)
-    on = bench_checkpointing.measure(True, seq=256, batch=4, layers=4, steps=1)
+    off = bench_checkpointing.measure("off", seq=256, batch=4, layers=4, steps=1)
+    on = bench_checkpointing.measure("on", seq=256, batch=4, layers=4, steps=1)
     assert on["peak_bytes"] <= 0.5 * off["peak_bytes"], (on["peak_bytes"], off["peak_bytes"])
     np.testing.assert_allclose(on["losses"], off["losses"], atol=1e-5)
     assert len(on["blocks"]) == 4
+    # recompute_last=False stores the last block: a higher peak, still under half.
+    not_last = bench_checkpointing.measure("not_last", seq=256, batch=4, layers=4, steps=1)
+    assert on["peak_bytes"] < not_last["peak_bytes"] <= 0.5 * off["peak_bytes"], (not_last["peak_bytes"], on["peak_bytes"])
+    np.testing.assert_allclose(not_last["losses"], off["losses"], atol=1e-5)
+    assert len(not_last["blocks"]) == 3 and not any(b.endswith("decoder_block_3") for b in not_last["blocks"])
 
 
 def test_bad_input():
@@ -87,5 +98,7 @@ def test_bad_input():
         tf_lora.enable_gradient_checkpointing(plain)
     with pytest.raises(TypeError, match="blocks"):
         tf_lora.enable_gradient_checkpointing(plain, blocks=3)
+    with pytest.raises(TypeError, match="recompute_last"):
+        tf_lora.enable_gradient_checkpointing(plain, recompute_last="yes")
     with pytest.raises(TypeError, match="gradient_checkpointing"):
         tf_lora.LoRAConfig(gradient_checkpointing="yes")
