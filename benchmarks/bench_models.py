@@ -26,7 +26,9 @@ hundreds of ms here, is not counted);
 rounds. Peak memory comes from one fresh process per variant (TensorFlow's BFC allocator
 peak during a train step, weights and optimizer state included). ``--loss-curve`` trains
 tf_lora LoRA in float32 and mixed_bfloat16 from the same start on the same batches and
-prints the largest relative loss difference. ``--dequant`` times one pass over every
+prints the largest relative loss difference. With ``bf16`` among the modes, one matmul of
+the model's feed-forward shape is timed in float32 and bfloat16 on the same CPU: the
+speed-up the CPU's bf16 kernels allow. ``--dequant`` times one pass over every
 quantized kernel (tf_lora's NF4 dequantization against Keras int4's unpack and its
 dequantization), what bounds the QLoRA ratio. ``--peft`` adds Hugging Face PEFT on
 torch 2.13.0 CPU (the same architectures and sizes, LoRA r=8 on q_proj/v_proj) as an
@@ -181,6 +183,24 @@ elif task["kind"] == "dequant":
             t = time.perf_counter(); f().numpy(); times[n].append(time.perf_counter() - t)
     out = {n: float(np.median(v)) for n, v in times.items()}
     out["weights"] = int(sum(np.prod(l.kernel_shape) for l in ql))
+elif task["kind"] == "matmul":
+    # What bounds the bf16 speed-up on this CPU: one (B*T, H) x (H, 4H) matmul, float32 vs
+    # bfloat16, interleaved (oneDNN uses AVX512-BF16 / AMX where the CPU has them).
+    n, k = B * T, H
+    f = tf.function(lambda a, b: tf.matmul(a, b))
+    pair = {d: (tf.cast(tf.random.normal([n, k]), d), tf.cast(tf.random.normal([k, 4 * k]), d))
+            for d in ("float32", "bfloat16")}
+    for d, (a, b) in pair.items():
+        f(a, b).numpy()
+    times = {d: [] for d in pair}
+    for _ in range(task["rounds"]):
+        for d, (a, b) in pair.items():
+            t = time.perf_counter()
+            for _ in range(5):
+                r = f(a, b)
+            r.numpy(); times[d].append((time.perf_counter() - t) / 5)
+    out = {d: float(np.median(v)) for d, v in times.items()}
+    out["shape"] = [n, k, 4 * k]
 elif task["kind"] == "curve":
     m = make("tf_lora")
     m.compile(optimizer=keras.optimizers.Adam(2e-3),
@@ -368,6 +388,14 @@ def main(argv=None) -> dict:
             if g and b:
                 print(f"{arch} {size}: mixed_bfloat16 speed-up over float32 (tf_lora LoRA, separate processes): "
                       f"{g['tf_lora']['step_s'] / b['tf_lora']['step_s']:.2f}x (goal >= 1.4)")
+    if "bf16" in args.modes:
+        for size in sizes:
+            mm = _run(CHILD, _task("matmul", args.archs[0], size, rounds=max(5, 3 * rounds)))
+            report["matmul"] = {**report.get("matmul", {}), size: mm}
+            n, k, f = mm["shape"]
+            print(f"{size}: one {n}x{k} @ {k}x{f} matmul, float32 {mm['float32'] * 1e3:.2f} ms, bfloat16 "
+                  f"{mm['bfloat16'] * 1e3:.2f} ms: bf16 speed-up {mm['float32'] / mm['bfloat16']:.2f}x on this CPU "
+                  "(what bounds the mixed_bfloat16 one)")
     if args.loss_curve:
         steps = 4 if args.quick else 30
         for arch in args.archs:
