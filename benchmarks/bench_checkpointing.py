@@ -74,9 +74,8 @@ def _child(modes, seq: int, batch: int, layers: int, steps: int) -> dict:
 
 
 def measure(mode, seq: int, batch: int, layers: int, steps: int) -> dict:
-    """Peak train-step memory of one mode (``"off"``, ``"on"``, ``"not_last"``; a bool means off/on)
-    in a fresh process: peak bytes, the losses of 1 + `steps` steps, the checkpointed blocks."""
-    mode = {False: "off", True: "on"}.get(mode, mode)
+    """Peak train-step memory of one mode (``"off"``, ``"on"``, ``"not_last"``) in a fresh
+    process: peak bytes, the losses of 1 + `steps` steps, the checkpointed blocks."""
     if mode not in MODES:
         raise ValueError(f"Received an invalid value for `mode`, expected one of {MODES}. Received: mode={mode!r}")
     return _child([mode], seq, batch, layers, steps)

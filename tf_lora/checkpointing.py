@@ -10,8 +10,8 @@ time plus the block inputs (QLoRA's memory recipe, Dettmers et al. 2023).
   `torch.utils.checkpoint.checkpoint_sequential` does its last segment): the backward
   starts with it right after the forward, so recomputing it buys least. It trades peak
   memory for speed: in `benchmarks/bench_checkpointing.py` (4 blocks) the step goes from
-  1.39x to 1.27x the step without checkpointing, the peak from 0.30x to 0.37x (the last
-  block's activations then coexist with the logits and their gradient).
+  1.39x to 1.24-1.27x the step without checkpointing, the peak from 0.30x to 0.33-0.37x
+  (the last block's activations then coexist with the logits and their gradient).
 
 - `tf.recompute_grad` takes tensors only: every non-tensor argument (bools, None, a Python
   int) is closed over, and only the tensor arguments go through it.
@@ -145,7 +145,10 @@ def enable_gradient_checkpointing(model: keras.Model, blocks: Optional[Union[str
             "block or nested Functional model); name the block layers with `blocks=`."
         )
     if not recompute_last and len(found) > 1:
-        found = found[:-1]
+        # Undone if an earlier call checkpointed it, so the result says what runs.
+        *found, (_, last) = found
+        if isinstance(last.__dict__.get("call"), _RecomputedCall):
+            object.__delattr__(last, "call")
     for _, layer in found:
         if not isinstance(layer.__dict__.get("call"), _RecomputedCall):
             with _compat.unlocked(layer):
