@@ -385,3 +385,16 @@ def redirect_backup(callback, folder: str) -> None:
     for name, value in vars(fresh).items():
         if isinstance(value, str) and (value == folder or value.startswith(folder.rstrip("/\\"))):
             setattr(callback, name, value)
+
+
+def reduced_precision_float32() -> bool:
+    """Whether float32 matmuls and convolutions may run in reduced precision here
+    (TensorFlow's TF32 execution, on by default, on a visible GPU)."""
+    import tensorflow as tf
+
+    try:
+        return bool(tf.config.experimental.is_tensor_float_32_execution_enabled()
+                    and tf.config.list_logical_devices("GPU"))
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        return False
+

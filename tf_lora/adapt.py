@@ -68,6 +68,37 @@ def _dispatch(layer) -> Optional[Tuple[type, type, str]]:
     return None
 
 
+# The methods through which a layer computes its outputs (and mask). An adapter class computes
+# its dispatch type's versions of them; a subclass of that type that overrides one computes
+# something else.
+FORWARD_METHODS = ("__call__", "call", "compute_mask", "convolution_op")
+
+
+def _own_forward(layer, layer_type: type) -> List[str]:
+    """The `FORWARD_METHODS` that `layer`'s class defines above `layer_type` (the dispatch
+    type it matched) in its method resolution order, i.e. that differ from `layer_type`'s."""
+    mro = type(layer).__mro__
+    above = mro[:mro.index(layer_type)] if layer_type in mro else mro
+    return [name for name in FORWARD_METHODS if any(name in vars(cls) for cls in above)]
+
+
+def _check_forward(layer, path: str, layer_type: type, lora_cls: type) -> None:
+    """Refuses a subclass of a dispatch type that computes its own outputs (`_own_forward`):
+    its adapter would compute `layer_type`'s function instead."""
+    own = _own_forward(layer, layer_type)
+    if own:
+        cls = type(layer)
+        base = (f"keras.layers.{layer_type.__name__}" if getattr(keras.layers, layer_type.__name__, None) is layer_type
+                else f"{layer_type.__module__}.{layer_type.__qualname__}")
+        raise NotImplementedError(
+            f"Layer '{path}' is a {cls.__module__}.{cls.__qualname__}, a subclass of "
+            f"{base} that overrides {', '.join(own)}; tf_lora's {lora_cls.__name__} "
+            f"computes {layer_type.__name__}'s `call`, so the adapted model would compute something else. "
+            f"Leave the layer out (exclude_modules=({layer.name!r},)), or register an adapter class that "
+            f"computes {cls.__name__}'s `call`: tf_lora.register_adapter({cls.__name__}, YourLoRAClass)."
+        )
+
+
 def _describe(layer) -> str:
     return type(layer).__name__
 
@@ -165,6 +196,7 @@ def _precheck(layer, path: str, config: LoRAConfig) -> None:
         raise ValueError(f"Layer '{path}' of type {_describe(layer)} cannot be adapted.")
     layer_type, lora_cls, qlora_name = entry
     LoRALayer._check_source(layer, layer_type, layer_type.__name__)
+    _check_forward(layer, path, layer_type, lora_cls)
     if isinstance(layer, keras.layers.EinsumDense):
         _einsum_lora_equations(layer.equation)
     if issubclass(lora_cls, LoRAConv):
@@ -241,8 +273,9 @@ def _check_rebuildable(model) -> None:
         ) from None
 
 
-def _copy(model, targets: Dict[str, keras.layers.Layer]):
-    """A verified copy of `model` sharing the targets' weights, and the targets in it."""
+def _copy(model, targets: Dict[str, keras.layers.Layer], reference: Optional[surgery.Probe] = None):
+    """A verified copy of `model` sharing the targets' weights, and the targets in it
+    (`reference`: ``surgery.probe(model)`` if already computed)."""
     try:
         work = surgery.copy_model(model, share=targets.values())
     except Exception as e:
@@ -251,7 +284,7 @@ def _copy(model, targets: Dict[str, keras.layers.Layer]):
             f"cannot be copied ({type(e).__name__}: {e}). Adapt it in place instead: "
             "tf_lora.adapt(model, config, inplace=True)."
         ) from None
-    surgery.verify_copy(model, work)
+    surgery.verify_copy(model, work, reference=reference)
     found = {path: surgery.find(work, path) for path in targets}
     lost = sorted(p for p, layer in found.items() if layer is None)
     if lost:  # pragma: no cover - a deep copy keeps names and structure
@@ -294,6 +327,11 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
         ValueError: an unbuilt model, a Task without a backbone, targets that
             match nothing (the message lists the adaptable paths), a matched
             layer already adapted, an unsupported layer type.
+        NotImplementedError: a target whose class subclasses a supported type but
+            computes its own outputs (overrides `call`, `compute_mask` or
+            `convolution_op`); leave it out or `register_adapter` a class for it.
+        RuntimeError: the copy, or the adapted model before training, computes
+            something else than `model` on a probe batch (`surgery.verify_adapted`).
 
     Example:
         >>> inputs = keras.Input((8,))
@@ -341,7 +379,11 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
     for path, layer in targets.items():
         _precheck(layer, path, config)
     graph = type(model) in (_compat.Functional, keras.Sequential) or type(model) is LoRAModel
+    # The base's outputs on a probe batch, before anything changes: the copy (verify_copy) and the
+    # adapted model (verify_adapted) are checked against them.
+    checked = surgery.adapted_tolerance(config) is not None
     if inplace:
+        reference = surgery.probe(model, strict=False) if checked else None  # a probe it rejects: no check
         work, work_targets = model, targets
         # Traced functions and a built optimizer hold the float kernels; drop them first
         # so that each kernel is freed as soon as its layer is replaced.
@@ -351,10 +393,12 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
     else:
         if not graph:
             _check_rebuildable(model)
-        work, work_targets = _copy(model, targets)
+        reference = surgery.probe(model)
+        work, work_targets = _copy(model, targets, reference)
     with distribute.worker_local_storage() as local:  # QLoRA's uint8 codes under MultiWorkerMirroredStrategy
         _insert_adapters(work_targets, config, verbose)
     distribute.broadcast_from_chief(local)
+    surgery.verify_adapted(reference, work, config)  # a fresh adapter must not change the function
     _return_freed_memory()
     if inplace and isinstance(model, _compat.Functional) and type(model) is _compat.Functional:
         make_adapted(model, config)  # a plain Functional model becomes a LoRAModel
