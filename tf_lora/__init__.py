@@ -7,7 +7,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from tf_lora import distribute, nf4
+from tf_lora import data, distribute, nf4
 from tf_lora.adapt import adapt, register_adapter
 from tf_lora.adapters import (
     ParameterCount,
@@ -76,6 +76,7 @@ __all__ = sorted(
         "chunked_attention",
         "add_adapter",
         "delete_adapter",
+        "data",
         "distribute",
         "disable_adapter",
         "count_parameters",
