@@ -269,25 +269,32 @@ def gradient_tape_recording() -> bool:
         return True
 
 
-def current_call_context():
-    """Keras' call context of the layer call in progress (None outside one): it carries
-    `training` (and other propagated arguments) down to nested layers."""
+_CALL_STATE = ("current_call_ctx", "autocast_scope")
+
+
+def current_call_state() -> tuple:
+    """What a layer call in progress passes to nested layers implicitly, through Keras'
+    global state: its call context (`training` and other propagated arguments; None
+    outside a call) and its autocast scope (mixed precision: variables read in the
+    compute dtype)."""
     from keras.src.backend.common import global_state
 
-    return global_state.get_global_attribute("current_call_ctx")
+    return tuple(global_state.get_global_attribute(key) for key in _CALL_STATE)
 
 
 @contextlib.contextmanager
-def call_context(context) -> Iterator[None]:
-    """Runs the body with Keras' call context set to `context` (restored afterwards)."""
+def call_state(state: tuple) -> Iterator[None]:
+    """Runs the body with the state `current_call_state` returned (restored afterwards)."""
     from keras.src.backend.common import global_state
 
-    previous = global_state.get_global_attribute("current_call_ctx")
-    global_state.set_global_attribute("current_call_ctx", context)
+    previous = current_call_state()
+    for key, value in zip(_CALL_STATE, state):
+        global_state.set_global_attribute(key, value)
     try:
         yield
     finally:
-        global_state.set_global_attribute("current_call_ctx", previous)
+        for key, value in zip(_CALL_STATE, previous):
+            global_state.set_global_attribute(key, value)
 
 
 # -- Keras's TF trainer under tf.distribute (keras-team/keras#20585) ------------------------

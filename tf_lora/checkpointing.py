@@ -18,8 +18,12 @@ time plus the block inputs (QLoRA's memory recipe, Dettmers et al. 2023).
 - Dropout draws from Keras `SeedGenerator` states, which advance on each call; their states
   are captured before the forward and restored before the recomputation, so both passes
   draw the same masks and the gradients equal those without checkpointing.
-- Nested layers take `training` from Keras' call context, which the recomputation (run by
-  the gradient, outside `Layer.__call__`) would lack; a copy of the context is restored.
+- The recomputation runs (in the gradient, outside `Layer.__call__`) on new tensors, so what
+  a call passes implicitly is restored for it: the Keras masks of every tensor argument
+  (nested ones too; e.g. the padding mask of an `Embedding(mask_zero=True)` output, which
+  KerasHub's `TransformerEncoder` reads from its input), and Keras' call context (nested
+  layers take `training` from it) and autocast scope (mixed precision). Masks a block
+  attaches to its outputs are attached to the returned tensors too.
 - A call with a KV cache (`generate()`), or while no gradient tape is recording (predict,
   evaluate), runs the block unchanged.
 """
@@ -63,23 +67,37 @@ class _RecomputedCall:
             return original(*args, **kwargs)
         positions = [i for i, x in enumerate(flat) if tf.is_tensor(x) or isinstance(x, keras.Variable)]
         tensors = [tf.convert_to_tensor(flat[i]) for i in positions]
+        # The recomputation gets new tensors (identities of these): the Keras masks attached
+        # to the arguments (an Embedding(mask_zero=True) output, read by blocks that mask
+        # from their input) are attached to them again, like the rest of what a call
+        # passes implicitly: Keras' call context (`training`) and autocast scope.
+        masks = [_compat.get_keras_mask(flat[i]) for i in positions]
         states = self._seed_states()
         saved = [tf.identity(s.value) for s in states]
-        # Nested layers read `training` from Keras' call context; the recomputation runs
-        # outside Layer.__call__, so it gets a copy of the context in force now.
-        context = copy.copy(_compat.current_call_context())
+        call_state = _compat.current_call_state()
+        call_state = (copy.copy(call_state[0]), *call_state[1:])  # the context object is reset after the call
+        output_masks = []  # of the forward pass, attached to the outputs recompute_grad returns
 
         def block(*inputs):
             for state, value in zip(states, saved):
                 state.assign(value)  # the same dropout masks in the forward and the recomputation
             values = list(flat)
-            for i, t in zip(positions, inputs):
+            for i, t, mask in zip(positions, inputs, masks):
+                if mask is not None and _compat.get_keras_mask(t) is None:
+                    _compat.set_keras_mask(t, mask)
                 values[i] = t
             a, k = tf.nest.pack_sequence_as((args, kwargs), values)
-            with _compat.call_context(context):
-                return original(*a, **k)
+            with _compat.call_state(call_state):
+                outputs = original(*a, **k)
+            if not output_masks:
+                output_masks.append([_compat.get_keras_mask(o) for o in tf.nest.flatten(outputs)])
+            return outputs
 
-        return tf.recompute_grad(block)(*tensors)
+        outputs = tf.recompute_grad(block)(*tensors)
+        for o, mask in zip(tf.nest.flatten(outputs), output_masks[0] if output_masks else ()):
+            if mask is not None and _compat.get_keras_mask(o) is None:
+                _compat.set_keras_mask(o, mask)
+        return outputs
 
 
 def _outermost(pairs) -> list:
