@@ -124,10 +124,17 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
-def _rewritten_layers(model, name: str) -> List[Tuple[str, LoRALayer]]:
-    """The adapter layers whose base adapter `name`'s init rewrote (they hold the initial factors)."""
-    return [(p, layer) for p, layer in _adapter_layers(model)
-            if name in layer.adapter_names and layer.adapter_init_pair(name) is not None]
+def _rewritten_layers(model) -> List[Tuple[str, LoRALayer]]:
+    """The adapter layers whose frozen base an init rewrote: the default adapter's
+    (it holds the initial factors). Every adapter of the model computes on that base,
+    also an added one (on a layer it does not cover, the layer runs as that base)."""
+    return [(p, layer) for p, layer in _adapter_layers(model) if layer.adapter_init_pair("default") is not None]
+
+
+def _model_base(model) -> str:
+    """``"original"``, or ``"residual:<init>"`` where an init rewrote the frozen base."""
+    rewritten = _rewritten_layers(model)
+    return "residual:" + rewritten[0][1].lora_init if rewritten else "original"
 
 
 def _to_original_base(tensors: dict, config: Optional[LoRAConfig], rewritten, name: str):
@@ -183,6 +190,9 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
             NF4's; on a plain NF4 base of `W`, NF4's own error adds to it). False: write
             `A`, `B` as trained, marked as relative to the rewritten base; `load_adapter`
             then refuses a model whose base was not rewritten by the same init.
+            An adapter added (`add_adapter`, `add_weighted_adapter`) to such a model
+            also computes on the rewritten base, but holds no initial factors: it is
+            saved only with ``to_original_base=False``, marked the same way.
 
     Returns:
         The file size in bytes (with ``format="peft"``, of both files).
@@ -190,7 +200,9 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     Raises:
         ValueError: an unknown `format`; with ``format="peft"``, an adapter on a layer
             without a Hugging Face name.
-        NotImplementedError: ``format="peft"`` for an architecture without a name map,
+        NotImplementedError: ``to_original_base=True`` for an adapter added to a model
+            whose base an init rewrote (see above); ``format="peft"`` for an adapter on
+            such a base, or for an architecture without a name map,
             or with `modules_to_save`.
 
     Example:
@@ -208,11 +220,11 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
 
         _check_model(model)
         variant = [p for p, layer in _adapter_layers(model) if layer.adapter_magnitude(_adapter_name(model, adapter_name)) is not None
-                   or layer.adapter_init_pair(_adapter_name(model, adapter_name)) is not None]
+                   or layer.adapter_init_pair("default") is not None]
         if variant:
             raise NotImplementedError(
                 "save_adapter(format='peft') writes plain LoRA adapters only; layers "
-                f"{variant[:5]} use DoRA (use_dora) or a base-rewriting init. Use format='tf_lora'.")
+                f"{variant[:5]} use DoRA (use_dora) or sit on a base that an init rewrote. Use format='tf_lora'.")
         return peft.save_peft(model, path, _adapter_name(model, adapter_name), base_model_name_or_path)
     if base_model_name_or_path is not None:
         raise ValueError("Received `base_model_name_or_path` with format='tf_lora'; it is only written with format='peft'.")
@@ -231,12 +243,19 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
     }
-    rewritten = _rewritten_layers(model, name)
+    rewritten = _rewritten_layers(model)
     if rewritten and to_original_base:
+        if any(layer.adapter_init_pair(name) is None for _, layer in rewritten):
+            raise NotImplementedError(
+                f"Received to_original_base=True for adapter {name!r}, which was added on a base that "
+                f"init={rewritten[0][1].lora_init!r} rewrote (layers {[p for p, _ in rewritten][:5]}): only the "
+                "adapter whose init rewrote the base converts to one for the original base. Pass "
+                "to_original_base=False to write it marked as relative to the rewritten base (load_adapter "
+                "then loads it only into a model whose base the same init rewrote).")
         tensors, config = _to_original_base(tensors, config, rewritten, name)
-        metadata["converted_from_init"] = rewritten[0][1]._spec(name)["lora_init"]
+        metadata["converted_from_init"] = rewritten[0][1].lora_init
     elif rewritten:
-        metadata["base"] = "residual:" + rewritten[0][1]._spec(name)["lora_init"]
+        metadata["base"] = _model_base(model)
     metadata["lora_config"] = json.dumps(config.to_dict() if config is not None else None)
     data = save(tensors, metadata=metadata)
     with distribute.write_location(model, path) as target:  # a private temporary file off the chief
@@ -334,8 +353,7 @@ def _check_base(model, name: str, metadata: dict, path: str) -> None:
     """A file relative to a rewritten base (``to_original_base=False``) loads only where
     the same init rewrote the base, and a plain file never loads onto a rewritten base."""
     file_base = metadata.get("base", "original")
-    rewritten = _rewritten_layers(model, name)
-    model_base = "residual:" + rewritten[0][1]._spec(name)["lora_init"] if rewritten else "original"
+    model_base = _model_base(model)
     if file_base != model_base:
         describe = lambda b: "the original base" if b == "original" else f"a base rewritten by init={b.split(':')[1]!r}"  # noqa: E731
         raise ValueError(
@@ -390,10 +408,11 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         if merged:
             raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
         variant = [p for p, layer in _adapter_layers(model)
-                   if layer.adapter_magnitude(name) is not None or layer.adapter_init_pair(name) is not None]
+                   if layer.adapter_magnitude(name) is not None or layer.adapter_init_pair("default") is not None]
         if variant:
             raise NotImplementedError(f"Cannot load a PEFT directory into adapter {name!r}: layers {variant[:5]} use "
-                                      "DoRA or a base-rewriting init, which tf_lora's PEFT format does not cover.")
+                                      "DoRA or sit on a base that an init rewrote, which tf_lora's PEFT format does "
+                                      "not cover.")
         peft.load_peft(model, path, name)
         return
     tensors, metadata = _read_file(path)

@@ -19,7 +19,10 @@ results. For adapters ``i`` with weights ``w_i`` and scalings ``s_i = alpha_i / 
 - ``svd``: ``ΔW = sum_i w_i ΔW_i`` (each ΔW_i = s_i A_i B_i), then its top-`svd_rank`
   singular triplets: ``A = U_r``, ``B = S_r V_r^T`` (PEFT puts S on B as well).
 
-The new adapter has ``alpha = rank`` on every layer (scaling 1), as in PEFT.
+The new adapter has ``alpha = rank`` on every layer (scaling 1), as in PEFT. On a model
+whose frozen base ``init="pissa"``/``"olora"``/``"loftq"`` rewrote, it computes on that
+rewritten base (as every added adapter): `tf_lora.save_adapter` writes it only with
+``to_original_base=False``, marked so, and `load_adapter` refuses it on another base.
 """
 
 from __future__ import annotations

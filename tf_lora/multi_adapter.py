@@ -13,6 +13,7 @@ import contextlib
 from typing import Iterator, Optional
 
 from tf_lora.adapt import all_linear_skips
+from tf_lora.checkpointing import checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing
 from tf_lora.config import LoRAConfig, matches
 from tf_lora.train import AdaptedModel, LoRAModel
 
@@ -47,6 +48,26 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     patterns may differ from the first adapter. `modules_to_save` and
     `quantization` belong to the model, not to one adapter, and must be unset.
 
+    ``gradient_checkpointing=True`` is honoured as `adapt` honours it: it turns on
+    `tf_lora.enable_gradient_checkpointing` for the model (a model-wide setting, so it
+    applies to every adapter; `tf_lora.disable_gradient_checkpointing` turns it off),
+    unless the model already checkpoints blocks; `False` leaves the model as it is.
+
+    On a model whose frozen base ``init="pissa"``/``"olora"``/``"loftq"`` rewrote, the
+    new adapter computes on that rewritten base: save it with
+    ``tf_lora.save_adapter(..., to_original_base=False)``, which marks the file so.
+
+    Raises:
+        TypeError: `model` is not an adapted model, or `config` not a `LoRAConfig`.
+        ValueError: a taken or invalid `adapter_name`; `target_modules` matching none
+            of the model's adapter layers; `quantization`/`attention` set;
+            ``use_dora=True`` on merged layers (a DoRA magnitude starts at the norm of
+            the unmerged kernel: unmerge first); ``gradient_checkpointing=True`` on a
+            model without blocks to checkpoint.
+        NotImplementedError: `modules_to_save`, a base-rewriting `init`, or
+            ``use_dora=True`` on layers without DoRA.
+        A failed call leaves the model as it was.
+
     Example:
         >>> add_adapter(model, "task_b", LoRAConfig(rank=4))  # doctest: +SKIP
         >>> set_adapter(model, "task_b")                       # doctest: +SKIP
@@ -80,12 +101,30 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     no_dora = [f"{p} ({type(layer).__name__})" for p, layer in targets if config.use_dora and not layer.supports_dora]
     if no_dora:
         raise NotImplementedError(f"Received use_dora=True, but layers {no_dora[:5]} have no DoRA in tf_lora.")
-    for path, layer in targets:
-        layer.add_adapter(
-            adapter_name, rank=config.rank_for(layer.name, path), alpha=config.alpha_for(layer.name, path),
-            dropout=float(config.dropout), use_rslora=config.use_rslora, lora_init=config.init,
-            **({"use_dora": True} if config.use_dora else {}),
-        )
+    merged = [p for p, layer in targets if layer.merged]
+    if config.use_dora and merged:
+        raise ValueError(
+            f"Received use_dora=True for layers {merged[:5]}, which are merged: a DoRA magnitude starts at the "
+            "norm of the unmerged kernel. Call unmerge() on them first.")
+    # Raises (having changed nothing) where the model has no block to checkpoint.
+    enabled = config.gradient_checkpointing and not checkpointed_blocks(model)
+    if enabled:
+        enable_gradient_checkpointing(model)
+    added = []
+    try:
+        for path, layer in targets:
+            layer.add_adapter(
+                adapter_name, rank=config.rank_for(layer.name, path), alpha=config.alpha_for(layer.name, path),
+                dropout=float(config.dropout), use_rslora=config.use_rslora, lora_init=config.init,
+                **({"use_dora": True} if config.use_dora else {}),
+            )
+            added.append(layer)
+    except BaseException:
+        for layer in added:
+            layer.delete_adapter(adapter_name)
+        if enabled:
+            disable_gradient_checkpointing(model)
+        raise
     model._adapter_configs[adapter_name] = config
     model.reset_compiled_functions()
 
