@@ -468,31 +468,66 @@ def test_use_chunked_attention_keeps_predictions():
     x = _rand(3, 13, 12)
     expected = model.predict(x, verbose=0)
     weights = [w.copy() for w in model.get_weights()]
+    paths = [w.path for w in model.weights]
     chunked = use_chunked_attention(model, query_chunk_size=4, key_chunk_size=5)
+    assert chunked is model  # in place: only the layers' classes change
     kinds = {layer.name: type(layer) for layer in chunked.layers}
     assert kinds["self_attn"] is ChunkedAttention
     inner = chunked.get_layer("inner").get_layer("inner_attn")
     assert type(inner) is ChunkedAttention and inner.query_chunk_size == 4
     _assert_close(chunked.predict(x, verbose=0), expected)
-    # the original is untouched
-    assert type(model.get_layer("self_attn")) is keras.layers.MultiHeadAttention
+    assert [w.path for w in model.weights] == paths
     for a, b in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(a, b)
     again = use_chunked_attention(chunked, max_memory_bytes=4096)  # already chunked: kept
     assert again.get_layer("self_attn").query_chunk_size == 4
 
 
-def test_use_chunked_attention_rejects_subclassed_and_bad_args():
+def test_use_chunked_attention_after_adapt_keeps_the_adapters():
+    import tf_lora
+
+    model = tf_lora.adapt(_encoder(), tf_lora.LoRAConfig(rank=2, target_modules=("query", "value")))
+    for v in model.lora_variables:
+        v.assign(np.full(v.shape, 0.1, "float32"))
+    x = _rand(2, 13, 12)
+    expected = model.predict(x, verbose=0)
+    use_chunked_attention(model, query_chunk_size=4)
+    assert type(model.get_layer("self_attn")) is ChunkedAttention
+    _assert_close(model.predict(x, verbose=0), expected)
+
+
+def _unchanged(model):
+    return [type(layer) for layer in model._flatten_layers()]
+
+
+def test_use_chunked_attention_rejects_unsupported_and_bad_args():
     class Sub(keras.Model):
         def call(self, x):
             return x
 
-    with pytest.raises(ValueError, match="no keras.layers.MultiHeadAttention"):
+    with pytest.raises(ValueError, match="no attention layer"):
         use_chunked_attention(Sub())
     with pytest.raises(TypeError, match="keras.Model"):
         use_chunked_attention("not a model")
+    model = _encoder()
+    before = _unchanged(model)
     with pytest.raises(ValueError, match="max_memory_bytes=0"):
-        use_chunked_attention(_encoder(), max_memory_bytes=0)
+        use_chunked_attention(model, max_memory_bytes=0)
+    # one float32 score per head (3 heads in inner_attn) is the smallest tile: 12 bytes
+    with pytest.raises(ValueError, match=r"`max_memory_bytes`, expected at least 12 bytes.*max_memory_bytes=11"):
+        use_chunked_attention(model, max_memory_bytes=11)
+    assert _unchanged(model) == before
+
+    class MyAttention(keras.layers.MultiHeadAttention):  # its own call: not swapped
+        pass
+
+    x = keras.Input((13, 12))
+    h = keras.layers.MultiHeadAttention(2, 6, name="plain")(x, x)
+    mixed = keras.Model(x, MyAttention(2, 6, name="mine")(h, h))
+    before = _unchanged(mixed)
+    with pytest.raises(NotImplementedError, match=r"MyAttention \(at 'mine'\).*Supported: keras.layers.MultiHeadAttention"):
+        use_chunked_attention(mixed)
+    assert _unchanged(mixed) == before
 
 
 def test_lora_adapts_chunked_projections():

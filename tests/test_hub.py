@@ -123,18 +123,23 @@ def test_multi_adapter_counts_and_memory_report_on_a_causal_lm(capsys):
     assert report["base_stored_bytes"] < 0.2 * report["base_float32_bytes"]
 
 
-def test_chunked_attention_on_bert_and_a_clear_error_elsewhere():
+def test_chunked_attention_on_bert_and_gpt2():
+    """In place; KerasHub decoders (here GPT-2) are covered in depth by test_long_context.py."""
     base = FACTORIES["bert"]()
     x = inputs(base)
+    expected = _out(base, x)
     chunked = tf_lora.use_chunked_attention(base, query_chunk_size=4)
-    assert type(chunked) is type(base)
+    assert chunked is base
     kinds = {type(layer).__name__ for _, layer, _ in walk(chunked)}
     assert "ChunkedAttention" in kinds and "MultiHeadAttention" not in kinds
-    np.testing.assert_allclose(_out(chunked, x), _out(base, x), atol=1e-5)
-    adapted = tf_lora.adapt(base, tf_lora.LoRAConfig(rank=2, attention="chunked"))
+    np.testing.assert_allclose(_out(chunked, x), expected, atol=1e-5)
+    plain = FACTORIES["bert"]()
+    adapted = tf_lora.adapt(plain, tf_lora.LoRAConfig(rank=2, attention="chunked"))
     assert isinstance(adapted, M.BertTextClassifier) and _adapter_paths(adapted)
-    with pytest.raises(ValueError, match="CachedMultiHeadAttention"):
-        tf_lora.use_chunked_attention(FACTORIES["gpt2"]())
+    assert "ChunkedAttention" in {type(layer).__name__ for _, layer, _ in walk(adapted)}
+    assert "ChunkedAttention" not in {type(layer).__name__ for _, layer, _ in walk(plain)}
+    gpt2 = tf_lora.use_chunked_attention(FACTORIES["gpt2"]())
+    assert "ChunkedCachedMultiHeadAttention" in {type(layer).__name__ for _, layer, _ in walk(gpt2)}
 
 
 @pytest.mark.parametrize(

@@ -369,12 +369,11 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
             "with tf_lora.add_adapter, or adapt a copy (inplace=False)."
         )
     if config.attention == "chunked":
-        if inplace:
-            raise NotImplementedError("Received attention='chunked' with inplace=True; call "
-                                      "tf_lora.use_chunked_attention(model) first, then adapt in place.")
-        from tf_lora.convert import use_chunked_attention
+        from tf_lora.convert import plan_chunked_attention
 
-        model = use_chunked_attention(model, max_memory_bytes=config.max_attention_memory)
+        # Checked here, before anything changes; the adapted model switches itself
+        # (AdaptedModel._init_adapted), also when it is loaded from a .keras file.
+        plan_chunked_attention(model, config.max_attention_memory)
     targets, _ = _select(model, config)
     for path, layer in targets.items():
         _precheck(layer, path, config)

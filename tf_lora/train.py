@@ -53,6 +53,10 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
             from tf_lora.checkpointing import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(self)
+        if lora_config.attention == "chunked":
+            from tf_lora.convert import use_chunked_attention
+
+            use_chunked_attention(self, lora_config.max_attention_memory)
         self.reset_compiled_functions()
 
     @property
