@@ -191,8 +191,9 @@ class LoRAConfig:
             ``{"query": 3, "query_norm": 5}`` the layer ``query_norm`` gets 5.
         alpha_pattern: Per-layer alphas, same keys and rule as `rank_pattern`.
         quantization: A `QLoRAConfig` to store the base weights in NF4.
-        attention: ``"chunked"`` replaces every MultiHeadAttention by an exact
-            `ChunkedAttention` while adapting; `None` keeps them.
+        attention: ``"chunked"`` switches the adapted model's attention layers
+            (MultiHeadAttention and KerasHub decoders' attention) to exact chunked
+            attention, as `tf_lora.use_chunked_attention`; `None` keeps them.
         max_attention_memory: Memory budget in bytes for one chunked
             attention score tile (only with ``attention="chunked"``).
 
