@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import math
 import sys
 from typing import Dict, List, Optional, Tuple
 
 import keras
+from keras import ops
 
 from tf_lora import _compat, distribute, surgery
-from tf_lora.config import LoRAConfig, matches
+from tf_lora.config import BASE_REWRITING_INITS, LoRAConfig, matches
 from tf_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D, LoRAConv3D
 from tf_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding, _reversible_type
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer, _einsum_lora_equations
@@ -204,6 +206,32 @@ def _precheck(layer, path: str, config: LoRAConfig) -> None:
     if config.quantization is not None and not qlora_name:
         raise NotImplementedError(f"No QLoRA layer is registered for {_describe(layer)} ('{path}').")
     _check_variants(layer, path, config, _qlora_cls(qlora_name) if config.quantization is not None else lora_cls)
+    _check_values(layer, path, config)
+
+
+def _check_values(layer, path: str, config: LoRAConfig) -> None:
+    """What `make_adapter` would refuse in the weights: a rank that a base-rewriting init
+    cannot split the kernel into, NaN/Inf in a kernel that is quantized or decomposed."""
+    rewriting = config.init in BASE_REWRITING_INITS
+    if rewriting and isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        shape = [int(d) for d in layer.kernel.shape]
+        n_in = shape[0]
+        if isinstance(layer, keras.layers.EinsumDense):  # the kernel's input-side axes
+            in_axes = _einsum_lora_equations(layer.equation)[3]
+            k_sub = layer.equation.replace(" ", "").split("->")[0].split(",")[1]
+            n_in = math.prod(d for c, d in zip(k_sub, shape) if c in in_axes)
+        LoRALayer.check_rewrite_rank(config.rank_for(layer.name, path), n_in, math.prod(shape) // n_in,
+                                     config.init, path)
+    if rewriting or config.quantization is not None:
+        name = "embeddings" if isinstance(layer, keras.layers.Embedding) else "kernel"
+        source = getattr(layer, name, None)
+        if source is not None and not bool(ops.all(ops.isfinite(source))):
+            bad = int(ops.sum(ops.cast(ops.logical_not(ops.isfinite(source)), "int32")))
+            how = "quantization (NF4)" if config.quantization is not None else f"init={config.init!r}"
+            raise ValueError(
+                f"Received a model whose layer '{path}' cannot be adapted with {how}: its `{name}` contains "
+                f"{bad} NaN or Inf values. Fix the weights or leave the layer out (exclude_modules)."
+            )
 
 
 def _check_variants(layer, path: str, config: LoRAConfig, cls: type) -> None:
@@ -230,13 +258,63 @@ def _interactive() -> bool:
     return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
-def _insert_adapters(targets: Dict[str, keras.layers.Layer], config: LoRAConfig, verbose: int) -> None:
-    """Replaces each target by its adapter where it stands, one layer at a time."""
+def _insert_adapters(targets: Dict[str, keras.layers.Layer], config: LoRAConfig, verbose: int,
+                     journal: Optional["_Journal"] = None) -> None:
+    """Replaces each target by its adapter where it stands, one layer at a time.
+
+    Each adapter is built in its target's name scope, so its variables get the target's
+    paths (``block/attention/query/kernel``, new ones ``.../query/lora_a``). `journal`
+    records each replacement (to undo them if `adapt` fails later)."""
     bar = keras.utils.Progbar(len(targets), unit_name="layer") if verbose else None
     for i, (path, layer) in enumerate(targets.items()):
-        _compat.become(layer, make_adapter(layer, config, path))
+        with _compat.scope_of(layer):
+            new = make_adapter(layer, config, path)
+        if journal is not None:
+            journal.record(path, layer)
+        _compat.become(layer, new)
+        del new
         if bar is not None:
             bar.update(i + 1)
+
+
+class _Journal:
+    """The layers an in-place `adapt` replaced, and what undoing them needs.
+
+    Float adapters: each layer's original class and state (its variables), kept until
+    `adapt` has replaced and verified every layer, so any failure (an unforeseen error, an
+    interrupt, a failed post-replacement check) restores the model exactly: same objects,
+    same variables, same outputs, same optimizer. The price: until `adapt` returns, the
+    replaced float weights stay alive next to their adapters' copies (up to one extra copy of
+    the targeted kernels). Under quantization the design's memory bound wins: each float
+    kernel is freed as its layer is replaced (never a second full copy), so nothing is kept;
+    every failure that can be foreseen is checked before the first change (`_precheck`), and
+    an unforeseen one names the layers already replaced.
+    """
+
+    def __init__(self, model, config: LoRAConfig):
+        self.keep = config.quantization is None
+        self.optimizer = getattr(model, "optimizer", None) if self.keep else None
+        self.entries: List[Tuple[str, keras.layers.Layer, Optional[tuple]]] = []
+
+    def record(self, path: str, layer) -> None:
+        self.entries.append((path, layer, _compat.snapshot(layer) if self.keep else None))
+
+    def undo(self, model, error: BaseException) -> None:
+        """Restores the recorded layers (float adapters), or notes on `error` what is left."""
+        if not self.entries:
+            return
+        if self.keep:
+            for _, layer, saved in reversed(self.entries):
+                _compat.restore(layer, saved)
+            if self.optimizer is not None:
+                model.optimizer = self.optimizer
+            _compat.reset_traced_functions(model)
+        else:
+            note = (f"tf_lora.adapt(inplace=True) had already replaced the layers {[p for p, _, _ in self.entries]} "
+                    "by quantized adapters and freed their float kernels, so the model is partially adapted: "
+                    "reload it before adapting again.")
+            error.__notes__ = [*getattr(error, "__notes__", []), note]
+        self.entries = []
 
 
 def _return_freed_memory() -> None:
@@ -311,10 +389,17 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
         inplace: False (default): `model` is not modified; the result is a copy
             (made object by object and verified on a probe batch; only the
             weights of the replaced layers are not duplicated). True: `model`
-            itself is adapted and returned, layer by layer, holding no second
-            copy of its weights (QLoRA frees each float kernel it quantizes, and
-            the freed memory goes back to the OS).
-            Its traced functions and optimizer state are dropped.
+            itself is adapted and returned, layer by layer. Everything that can be
+            checked is checked before the first layer changes (including a rank
+            that an ``init="pissa"``/``"olora"`` cannot split a kernel into, and
+            NaN/Inf in a kernel to quantize or decompose). With quantization it
+            never holds a second copy of its weights: QLoRA frees each float
+            kernel as it quantizes it (the freed memory goes back to the OS), so
+            an unforeseen failure half-way cannot be undone (the error says which
+            layers were replaced). Without quantization the replaced layers'
+            originals are kept until the call returns (meanwhile up to one extra
+            copy of the targeted kernels), so any failure restores the model
+            exactly. On success its traced functions and optimizer state are dropped.
         verbose: 1 shows a progress bar over the adapted layers, 0 none;
             default: 1 in an interactive terminal or notebook.
 
@@ -326,7 +411,8 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
             from its config (the message says to pass ``inplace=True``).
         ValueError: an unbuilt model, a Task without a backbone, targets that
             match nothing (the message lists the adaptable paths), a matched
-            layer already adapted, an unsupported layer type.
+            layer already adapted, an unsupported layer type, a rank larger than
+            a base-rewriting init allows, NaN/Inf in a kernel to quantize or decompose.
         NotImplementedError: a target whose class subclasses a supported type but
             computes its own outputs (overrides `call`, `compute_mask` or
             `convolution_op`); leave it out or `register_adapter` a class for it.
@@ -384,6 +470,7 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
     if inplace:
         reference = surgery.probe(model, strict=False) if checked else None  # a probe it rejects: no check
         work, work_targets = model, targets
+        journal = _Journal(model, config)
         # Traced functions and a built optimizer hold the float kernels; drop them first
         # so that each kernel is freed as soon as its layer is replaced.
         _compat.reset_traced_functions(model)
@@ -394,10 +481,17 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
             _check_rebuildable(model)
         reference = surgery.probe(model)
         work, work_targets = _copy(model, targets, reference)
-    with distribute.worker_local_storage() as local:  # QLoRA's uint8 codes under MultiWorkerMirroredStrategy
-        _insert_adapters(work_targets, config, verbose)
-    distribute.broadcast_from_chief(local)
-    surgery.verify_adapted(reference, work, config)  # a fresh adapter must not change the function
+        journal = None  # a failure drops the copy; `model` is untouched
+    try:  # in place, a failure from here on undoes the replacements (_Journal)
+        with distribute.worker_local_storage() as local:  # QLoRA's uint8 codes under MultiWorkerMirroredStrategy
+            _insert_adapters(work_targets, config, verbose, journal)
+        distribute.broadcast_from_chief(local)
+        surgery.verify_adapted(reference, work, config)  # a fresh adapter must not change the function
+    except BaseException as error:
+        if journal is not None:
+            journal.undo(model, error)
+        raise
+    journal = None  # adapted and verified: the replaced layers' originals are freed
     _return_freed_memory()
     if inplace and isinstance(model, _compat.Functional) and type(model) is _compat.Functional:
         make_adapted(model, config)  # a plain Functional model becomes a LoRAModel

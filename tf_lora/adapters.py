@@ -476,7 +476,9 @@ def merge(model: keras.Model) -> keras.Model:
     work = surgery.copy_model(model, share=[layer for _, layer in adapters])
     in_copy = {path: layer for path, layer, _ in walk(work)}
     for path, layer in adapters:
-        _compat.become(in_copy[path], layer.to_base_layer())
+        with _compat.scope_of(layer):  # the plain layer's variables get the adapter's paths
+            plain = layer.to_base_layer()
+        _compat.become(in_copy[path], plain)
     if isinstance(work, LoRAModel):
         inputs, outputs = _compat.model_io(work)
         work = keras.Model(inputs, outputs, name=model.name)  # plain Functional over the merged layers

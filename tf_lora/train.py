@@ -213,9 +213,10 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
             layer = found[path]
             if isinstance(layer, LoRALayer):
                 continue
-            adapter = keras.saving.deserialize_keras_object(layer_config)
-            if not adapter.built:
-                adapter.build_like(layer)
+            with _compat.scope_of(layer):  # the adapter's variables get the layer's paths
+                adapter = keras.saving.deserialize_keras_object(layer_config)
+                if not adapter.built:
+                    adapter.build_like(layer)
             _compat.become(layer, adapter)
 
     def _adapted_state_config(self, nested_only: bool) -> dict:

@@ -127,7 +127,7 @@ class LoRALayer(keras.layers.Layer):
         self.use_dora = spec["use_dora"]
         self.merged = bool(merged)
         self.activation = keras.activations.get(activation)
-        self.seed_generator = keras.random.SeedGenerator(name="lora_seed")
+        self.seed_generator = None  # made in build, inside the layer's name scope (its state's path)
         # Extra adapters: plain dicts (not Keras-tracked), variables tracked by add_weight.
         extra = {name: _adapter_spec(**cfg) for name, cfg in (adapters or {}).items()}
         object.__setattr__(self, "_extra_specs", extra)
@@ -185,6 +185,7 @@ class LoRALayer(keras.layers.Layer):
 
     def _build_lora(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
         self._lora_shapes = (tuple(int(d) for d in in_shape), tuple(int(d) for d in out_shape))
+        self.seed_generator = keras.random.SeedGenerator(name="lora_seed")
         self._make_adapter(DEFAULT_ADAPTER, self._spec(DEFAULT_ADAPTER))
         for name, spec in self._extra_specs.items():
             self._make_adapter(name, spec)
@@ -215,12 +216,17 @@ class LoRALayer(keras.layers.Layer):
         for name in self._magnitudes:
             self.reset_magnitude(name)
 
+    @staticmethod
+    def check_rewrite_rank(rank: int, n_in: int, n_out: int, lora_init: str, where: str) -> None:
+        """A base-rewriting init splits the (n_in x n_out) kernel matrix: `rank` <= min(n_in, n_out)."""
+        if rank > min(n_in, n_out):
+            raise ValueError(_invalid("rank", f"at most {min(n_in, n_out)} for init={lora_init!r} on layer "
+                                      f"'{where}' (its kernel is a {n_in} x {n_out} matrix)", rank))
+
     def _rewrite_base(self, kernel: np.ndarray, loftq_iter: int) -> None:
         (in_shape, out_shape), r = self._lora_shapes, self.rank
         n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-        if r > min(n_in, n_out):
-            raise ValueError(_invalid("rank", f"at most {min(n_in, n_out)} for init={self.lora_init!r} on layer "
-                                      f"'{self.name}' (its kernel is a {n_in} x {n_out} matrix)", r))
+        self.check_rewrite_rank(r, n_in, n_out, self.lora_init, self.name)
         to_mat = lambda k: np.asarray(self._to_lora_layout(k)).reshape(n_in, n_out)  # noqa: E731
         from_mat = lambda m: self._delta_to_kernel_layout(np.reshape(m, in_shape + out_shape))  # noqa: E731
         w = to_mat(kernel)
@@ -292,7 +298,7 @@ class LoRALayer(keras.layers.Layer):
             raise NotImplementedError(_invalid("use_dora", f"False: {type(self).__name__} has no DoRA", use_dora))
         self._extra_specs[name] = spec
         if self.built:
-            with _compat.unlocked(self):
+            with _compat.unlocked(self), _compat.own_scope(self):  # paths '<layer path>/lora_a_<name>'
                 self._make_adapter(name, spec)
         self._set_trainable_flags()
 
