@@ -149,6 +149,7 @@ def test_inplace_unexpected_failure_restores_the_replaced_layers(monkeypatch):
     model.fit(X2, [np.zeros((5, 16)), np.zeros((5, 2))], verbose=0)  # a built optimizer with state
     optimizer = model.optimizer
     before, kernels = _outputs(model), [model.get_layer(n).kernel for n in ("query", "value")]
+    before_kernel = _np(kernels[0]).copy()
     real, calls = adapt_module.make_adapter, []
 
     def failing(layer, config, path):
@@ -165,7 +166,10 @@ def test_inplace_unexpected_failure_restores_the_replaced_layers(monkeypatch):
     _assert_unchanged(model, before, kernels)
     assert model.optimizer is optimizer
     assert [v.trainable for v in model.weights] == [True] * 4
+    model.fit(X2, [np.zeros((5, 16)), np.zeros((5, 2))], verbose=0)  # the restored model still trains
+    assert not np.array_equal(_np(kernels[0]), before_kernel)
     monkeypatch.setattr(adapt_module, "make_adapter", real)
+    before = _outputs(model)
     adapted = tf_lora.adapt(model, config, inplace=True, verbose=0)
     assert isinstance(adapted.get_layer("query"), tf_lora.LoRADense)
     np.testing.assert_array_equal(_outputs(adapted)[0], before[0])
