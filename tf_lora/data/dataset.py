@@ -6,7 +6,10 @@ one) take it directly: ``x = {"token_ids", "padding_mask"}`` (int32, ``(batch,
 sequence_length)``), ``y`` the next tokens (int32), ``sample_weight`` float32, 1 on the
 labels that train and 0 on prompt, system, user and padding positions. Packed rows add
 ``x["segment_ids"]`` and ``x["positions"]`` (see `tf_lora.data.packing`); they are meant
-for models that read them (an example must attend only to itself).
+for models that read them, so that an example attends only to itself. A model that does
+not read them (a KerasHub CausalLM without tf_lora's packing support: Keras drops unknown
+input keys with a warning) attends across the examples of a row: train such a model on
+unpacked rows.
 """
 
 from __future__ import annotations
