@@ -10,6 +10,7 @@ only.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import types
 from typing import Iterator, List
@@ -353,6 +354,31 @@ def optimizer_variable_index(optimizer, variable) -> int:
 def optimizer_uses_weight_decay(optimizer, variable) -> bool:
     """Whether `optimizer`'s decoupled weight decay applies to `variable` (exclusions honoured)."""
     return optimizer.weight_decay is not None and optimizer._use_weight_decay(variable)
+
+
+def copy_weight_decay_exclusions(source, target) -> None:
+    """Gives `target` the `exclude_from_weight_decay` settings of `source` (not part of an
+    optimizer's config; Keras keeps them in private attributes whose names vary by version)."""
+    for key, value in list(vars(source).items()):
+        if key.startswith("_exclude_from_weight_decay"):
+            setattr(target, key, copy.copy(value))
+
+
+def unscaled_value(value):
+    """A Keras variable's value in its own dtype, also inside a mixed-precision layer call
+    (where Keras reads float variables in the compute dtype); anything else as is."""
+    if not isinstance(value, keras.Variable):
+        return value
+    from keras.src.backend.common import global_state
+
+    scope = global_state.get_global_attribute("autocast_scope")
+    if scope is None:
+        return value.value
+    global_state.set_global_attribute("autocast_scope", None)
+    try:
+        return value.value
+    finally:
+        global_state.set_global_attribute("autocast_scope", scope)
 
 
 def gradient_tape_recording() -> bool:

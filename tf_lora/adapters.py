@@ -484,7 +484,7 @@ def merge(model: keras.Model) -> keras.Model:
         work = keras.Model(inputs, outputs, name=model.name)  # plain Functional over the merged layers
     elif isinstance(work, AdaptedModel):
         work.__class__ = type(work)._base_class()
-        for attr in ("_lora_config", "_adapter_configs", "_active_adapter", "_saved_cache"):
+        for attr in ("_lora_config", "_adapter_configs", "_active_adapter", "_saved_cache", "_saved_originals"):
             work.__dict__.pop(attr, None)
     work.trainable = True  # a plain model: nothing frozen any more
     _compat.reset_traced_functions(work)

@@ -41,7 +41,10 @@ class _LoraPlus:
         # (as PEFT's parameter groups do with torch's AdamW), so Keras' own pass skips them.
         decayed = [_compat.optimizer_uses_weight_decay(self, v) for v in plus]
         if plus and self.weight_decay is not None:
-            self.exclude_from_weight_decay(var_list=plus)
+            # Keras' exclude_from_weight_decay replaces the exclusions set before (by the user,
+            # or copied from the wrapped optimizer): pass those again, resolved to variables.
+            kept = [v for v in variables if not _is_lora_b(v) and not _compat.optimizer_uses_weight_decay(self, v)]
+            self.exclude_from_weight_decay(var_list=kept + plus)
         super().build(variables)
         self._loraplus = {_compat.optimizer_variable_index(self, v): d for v, d in zip(plus, decayed)}
 
@@ -83,6 +86,9 @@ def loraplus_optimizer(optimizer: keras.optimizers.Optimizer, lr_ratio: float = 
     `optimizer`'s class (as a registered subclass ``LoraPlus<Class>``) and configuration,
     learning-rate schedules and `gradient_accumulation_steps` included; decoupled weight
     decay of the B factors uses the raised rate too, as with PEFT's parameter groups.
+    Weight-decay exclusions (`exclude_from_weight_decay`) set on `optimizer` are copied,
+    and those set on the result before it is built are kept: an excluded variable (a
+    ``lora_b`` one too) is never decayed.
     Unlike PEFT's helper, tf_lora does not raise the learning rate of 1-D parameters
     (biases, norms in `modules_to_save`) or give embeddings their own rate: only
     ``lora_b*`` variables change. Use it for `compile`:
@@ -113,4 +119,6 @@ def loraplus_optimizer(optimizer: keras.optimizers.Optimizer, lr_ratio: float = 
     if isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float)) or not lr_ratio > 0 or lr_ratio == float("inf"):
         raise ValueError(f"Received an invalid value for `lr_ratio`, expected a finite number > 0. Received: lr_ratio={lr_ratio!r}")
     cls = _loraplus_class(type(optimizer))
-    return cls.from_config({**optimizer.get_config(), "lr_ratio": float(lr_ratio)})
+    new = cls.from_config({**optimizer.get_config(), "lr_ratio": float(lr_ratio)})
+    _compat.copy_weight_decay_exclusions(optimizer, new)  # not part of an optimizer's config
+    return new

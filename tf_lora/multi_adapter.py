@@ -150,6 +150,18 @@ def set_adapter(model: LoRAModel, adapter_name: str) -> None:
 def disable_adapter(model: LoRAModel) -> Iterator[LoRAModel]:
     """Context manager in which `model` gives its base model's outputs.
 
+    Every adapter layer runs as its base layer, and the `modules_to_save` switch to
+    the frozen copies of their original weights that `adapt` kept (as PEFT's
+    ``ModulesToSaveWrapper`` switches to its ``original_module``); nothing trains
+    inside. On exit the adapters that were active and the trained modules are back.
+    (On a base that ``init="pissa"``/``"olora"``/``"loftq"`` rewrote, the layers
+    compute that residual base, as in PEFT.)
+
+    Raises:
+        TypeError: `model` is not an adapted model.
+        ValueError: merged adapter layers, or a model loaded from a file that lacks
+            the original `modules_to_save` weights.
+
     Example:
         >>> with disable_adapter(model):       # doctest: +SKIP
         ...     base_logits = model(x)
@@ -161,13 +173,17 @@ def disable_adapter(model: LoRAModel) -> Iterator[LoRAModel]:
         raise ValueError(f"Cannot disable adapters while layers {merged} are merged; unmerge them first.")
     previous = [(layer, layer.active_adapter) for _, layer in layers]
     previous_name = model.active_adapter
+    was_original = model._saved_originals.switched  # a nested disable_adapter leaves them as it found them
+    model._use_original_modules(True)  # raises before anything changed
     for _, layer in layers:
         layer.set_active_adapter(None)
     object.__setattr__(model, "_active_adapter", None)
+    model._freeze()
     model.reset_compiled_functions()
     try:
         yield model
     finally:
+        model._use_original_modules(was_original)
         for layer, name in previous:
             layer.set_active_adapter(name)
         object.__setattr__(model, "_active_adapter", previous_name)

@@ -340,7 +340,10 @@ def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: O
     config = model.adapter_config(adapter_name) if hasattr(model, "adapter_config") else None
     num_layers = int(backbone.num_layers)
     prefix = nmap.prefixes[0]
-    saved_tensors, saved_modules, tied = saved_contents(model, config, nmap, keras_prefix, prefix)
+    # `modules_to_save` belong to the model (set in adapt) and every adapter computes with them:
+    # PEFT keeps them per adapter, so each adapter's directory holds them, an added one's too.
+    model_config = getattr(model, "lora_config", None) or config
+    saved_tensors, saved_modules, tied = saved_contents(model, model_config, nmap, keras_prefix, prefix)
     tensors, ranks, alphas, rslora = {}, {}, {}, set()
     for path, layer in _adapter_layers(model):
         if adapter_name not in layer.adapter_names:

@@ -48,6 +48,7 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
         object.__setattr__(self, "_adapter_configs", configs)
         object.__setattr__(self, "_active_adapter", active_adapter)
         object.__setattr__(self, "_saved_cache", None)
+        object.__setattr__(self, "_saved_originals", _Originals(self.modules_to_save_layers()))
         self._freeze()
         if lora_config.gradient_checkpointing:
             from tf_lora.checkpointing import enable_gradient_checkpointing
@@ -99,8 +100,12 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
             return []
         return [layer for path, layer, _ in surgery.walk(self) if matches(selector, layer.name, path)]
 
+    def _trained_saved_layers(self) -> List[keras.layers.Layer]:
+        # Inside `disable_adapter` (no active adapter) the saved modules hold their frozen originals.
+        return self.modules_to_save_layers() if self._active_adapter is not None else []
+
     def _train_ids(self) -> set:
-        ids = {id(v) for layer in self.modules_to_save_layers() for v in _compat.created_trainable(layer)}
+        ids = {id(v) for layer in self._trained_saved_layers() for v in _compat.created_trainable(layer)}
         for _, layer in self.adapter_layers():
             ids.update(id(v) for v in layer.active_variables())
         return ids
@@ -114,23 +119,43 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
 
     def _freeze(self) -> None:
         """Only adapters and `modules_to_save` train; every other layer is frozen
-        (``trainable = False``: inference mode, e.g. BatchNorm statistics stay)."""
-        keep = {id(layer) for _, layer in self.adapter_layers()}
-        keep.update(id(layer) for layer in self.modules_to_save_layers())
-        ancestors, stack = set(), []
+        (``trainable = False``: inference mode, e.g. BatchNorm statistics stay).
+        A `modules_to_save` module trains as when trained fully: it and all its
+        sublayers are trainable (a BatchNorm in it runs in training mode)."""
+        saved = {id(layer) for layer in self._trained_saved_layers()}
+        keep = {id(layer) for _, layer in self.adapter_layers()} | saved
+        ancestors, inside, stack = set(), set(), []
         for path, layer, _ in surgery.walk(self):
             depth = path.count("/")
             del stack[depth:]
             stack.append(layer)
             if id(layer) in keep:
                 ancestors.update(id(a) for a in stack)
+            if any(id(a) in saved for a in stack):
+                inside.add(id(layer))
         self.trainable = True
         for _, layer, _ in surgery.walk(self):  # parents before children
-            layer.trainable = id(layer) in ancestors
+            layer.trainable = id(layer) in ancestors or id(layer) in inside
         train = self._train_ids()
         for v in self.weights:
             v.trainable = id(v) in train
         object.__setattr__(self, "_saved_cache", None)
+
+    def _use_original_modules(self, original: bool) -> None:
+        """Switches the `modules_to_save` to the frozen originals `adapt` found (True) or
+        back to the trained modules (False), as PEFT's ModulesToSaveWrapper does when
+        adapters are disabled. Raises, changing nothing, where the originals are unknown."""
+        self._saved_originals.switch(original, self.name)
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for key, value in self._saved_originals.to_save().items():
+            store[key] = value
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        super().load_own_variables({k: store[k] for k in keys if not k.startswith(_Originals.PREFIX)})
+        self._saved_originals.load({k: store[k] for k in keys if k.startswith(_Originals.PREFIX)}, self.name)
 
     def reset_compiled_functions(self) -> None:
         """Forgets traced train/test/predict/generate functions (the active adapter
@@ -344,3 +369,57 @@ class _IdSet:
 
     def __contains__(self, item):
         return id(item) in self._ids
+
+
+class _Originals:
+    """Frozen copies of the `modules_to_save` variables, made when the model was adapted
+    (PEFT's ``ModulesToSaveWrapper.original_module``; they cost the modules' size, as in
+    PEFT). Not Keras-tracked, so `model.weights` is the adapted layers' alone; the model's
+    `.keras` / ``.weights.h5`` files store them under ``tf_lora_original_<i>``.
+
+    `switch` exchanges the values of each live variable and its original, one variable at a
+    time (no second copy of a whole module); while switched, the live variables hold the
+    originals and the copies the trained values.
+    """
+
+    PREFIX = "tf_lora_original_"
+
+    def __init__(self, layers):
+        seen, live = set(), []
+        for layer in layers:
+            for v in layer.weights:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    live.append(v)
+        self.pairs = [(v, keras.Variable(initializer=keras.ops.convert_to_tensor(v), dtype=v.dtype, trainable=False,
+                                         name=f"original_{v.name}")) for v in live]
+        self.switched = False
+        self.known = True  # False once loaded from a file that predates them
+
+    def switch(self, original: bool, model_name: str) -> None:
+        if original == self.switched or not self.pairs:
+            return
+        if not self.known:
+            raise ValueError(f"Model {model_name!r} was loaded from a file without the original `modules_to_save` "
+                             "weights (saved by an older tf_lora), so it cannot give the base model's outputs. "
+                             "Adapt the base model again and load the adapter into it (tf_lora.load_adapter).")
+        for live, kept in self.pairs:
+            value = keras.ops.copy(live)  # a read, not the variable itself (which the next line changes)
+            live.assign(kept)
+            kept.assign(value)
+            del value
+        self.switched = original
+
+    def to_save(self) -> dict:
+        return {f"{self.PREFIX}{i}": live if self.switched else kept for i, (live, kept) in enumerate(self.pairs)}
+
+    def load(self, stored: dict, model_name: str) -> None:
+        if not stored:
+            self.known = not self.pairs
+            return
+        if len(stored) != len(self.pairs):
+            raise ValueError(f"The file holds {len(stored)} original `modules_to_save` weights, model "
+                             f"{model_name!r} has {len(self.pairs)}.")
+        for i, (live, kept) in enumerate(self.pairs):
+            (live if self.switched else kept).assign(stored[f"{self.PREFIX}{i}"])
+        self.known = True

@@ -338,10 +338,11 @@ class LoRALayer(keras.layers.Layer):
             if spec["use_dora"]:
                 # PEFT's result_dora: (m/n - 1) * x W + (m/n) * s (x A) B, n held constant.
                 norm = dora.weight_norm(self._to_lora_layout(self._norm_kernel()), a, b, scaling, len(self._lora_shapes[0]))
-                scale = self._broadcast_out(ops.cast(dora.magnitude_scale(self._magnitudes[self.active_adapter], norm), outputs.dtype))
+                scale = self._broadcast_out(dora.magnitude_scale(self._magnitudes[self.active_adapter], norm))
                 base = outputs if lora_in is inputs else self._base_call(lora_in)  # dropout: x W again, as PEFT
-                update = (scale - 1) * base + scale * ops.cast(update, outputs.dtype)
-            outputs = outputs + update
+                outputs = dora.add_update(outputs, base, update, scale)
+            else:
+                outputs = outputs + update
         if self.bias is not None:
             outputs = self._add_bias(outputs)
         if self.activation is not None:

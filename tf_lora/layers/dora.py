@@ -19,13 +19,19 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
+from tf_lora import _compat
+
+
+def _float32(value):
+    # Variables are read in float32 also under a mixed-precision policy (Keras would cast them
+    # to the compute dtype inside a layer call): m and ||W|| are float32 as `reset_magnitude` makes them.
+    return ops.cast(_compat.unscaled_value(value), "float32")
+
 
 def weight_norm(kernel, lora_a, lora_b, scaling: float, n_in: int):
     """``||kernel + scaling * lora_a @ lora_b||`` over the first `n_in` axes, float32,
     under stop_gradient (a constant for the backward pass)."""
-    total = ops.cast(kernel, "float32") + scaling * ops.tensordot(
-        ops.cast(lora_a, "float32"), ops.cast(lora_b, "float32"), axes=1
-    )
+    total = _float32(kernel) + scaling * ops.tensordot(_float32(lora_a), _float32(lora_b), axes=1)
     norm = ops.sqrt(ops.sum(ops.square(total), axis=tuple(range(n_in))))
     return ops.stop_gradient(norm)
 
@@ -34,7 +40,19 @@ def magnitude_scale(magnitude, norm):
     """``m / n`` (float32); a zero column (n == 0) gives 0 rather than NaN."""
     norm = ops.cast(norm, "float32")
     safe = ops.where(norm > 0, norm, ops.ones_like(norm))
-    return ops.where(norm > 0, ops.cast(magnitude, "float32") / safe, ops.zeros_like(norm))
+    return ops.where(norm > 0, _float32(magnitude) / safe, ops.zeros_like(norm))
+
+
+def add_update(outputs, base, lora_update, scale):
+    """``outputs + (m/n - 1) * base + (m/n) * lora_update``, with `scale` = m/n.
+
+    Computed in float32 and cast to the outputs' dtype once, as PEFT's ``result_dora``
+    under autocast: in bfloat16, m/n = 1.002 would round to 1 (the spacing there is
+    2**-7) and the ``- 1`` would then drop the magnitude's change altogether.
+    """
+    total = (ops.cast(outputs, "float32") + (scale - 1.0) * ops.cast(base, "float32")
+             + scale * ops.cast(lora_update, "float32"))
+    return ops.cast(total, outputs.dtype)
 
 
 def np_weight_norm(kernel: np.ndarray, delta: np.ndarray, n_in: int) -> np.ndarray:
