@@ -82,6 +82,7 @@ __all__ = sorted(
         "count_parameters",
         "from_peft",
         "is_chief",
+        "load_gguf",
         "load_adapter",
         "memory_report",
         "merge",
@@ -96,3 +97,12 @@ __all__ = sorted(
         "use_chunked_attention",
     ]
 )
+
+
+def __getattr__(name):
+    # `load_gguf` is imported on first use, so `import tf_lora` needs neither `gguf` nor `tokenizers`.
+    if name == "load_gguf":
+        from tf_lora.interop.gguf import load_gguf
+
+        return load_gguf
+    raise AttributeError(f"module 'tf_lora' has no attribute {name!r}")
