@@ -382,3 +382,16 @@ def test_fit_and_evaluate_an_adapted_causal_lm(tokenizer):
         ce = -np.take_along_axis(logp, y.numpy()[..., None], -1)[..., 0]
         total, count = total + (ce * w.numpy()).sum(), count + ce.size
     assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_tokenizer_taken_from_a_preprocessor_or_causal_lm(tokenizer):
+    records = [{"prompt": "What is 2+2? ", "completion": "It is 4."}]
+    direct = data.prepare(records, tokenizer, 16, verbose=0)
+    preprocessor = keras_hub.models.QwenCausalLMPreprocessor(tokenizer, sequence_length=16)
+    backbone = keras_hub.models.QwenBackbone(vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
+                                             num_query_heads=2, num_key_value_heads=1, hidden_dim=8,
+                                             intermediate_dim=16)
+    lm = keras_hub.models.QwenCausalLM(backbone, preprocessor=preprocessor)
+    for source in (preprocessor, lm):
+        rows = data.prepare(records, source, 16, verbose=0).rows
+        assert all(np.array_equal(rows[k], direct.rows[k]) for k in direct.rows)

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from tf_lora import data, distribute, nf4
 from tf_lora.adapt import adapt, register_adapter
+from tf_lora.adapter_checkpoint import AdapterCheckpoint
 from tf_lora.adapters import (
     ParameterCount,
     count_parameters,
@@ -45,6 +46,7 @@ from tf_lora.train import AdaptedModel, LoRAModel
 __all__ = sorted(
     [
         "AdaptedModel",
+        "AdapterCheckpoint",
         "BackupAndRestore",
         "ChunkedAttention",
         "LoRAConfig",

@@ -527,3 +527,9 @@ def reduced_precision_float32() -> bool:
     except (AttributeError, RuntimeError):  # pragma: no cover
         return False
 
+
+def set_initial_epoch(model, epoch) -> None:
+    """Makes the `fit` in progress start at `epoch`, as Keras' own `BackupAndRestore`
+    does from `on_train_begin` (the trainer reads ``_initial_epoch`` after that hook);
+    None gives later `fit` calls their own `initial_epoch` back."""
+    model._initial_epoch = None if epoch is None else int(epoch)
