@@ -310,3 +310,145 @@ def test_unsupported_attention_and_small_budget_leave_the_model_unchanged():
     with pytest.raises(ValueError, match="max_memory_bytes"):
         tf_lora.adapt(model, tf_lora.LoRAConfig(attention="chunked", max_attention_memory=15), inplace=True)
     assert not _chunked_kinds(model) and not isinstance(model, tf_lora.AdaptedModel)
+
+
+# --- the chunked LM loss ------------------------------------------------------------
+
+LM_VOCAB = 100  # differs from T, so a (batch, T, vocab) tensor is recognisable by its shape
+_LM = dict(vocabulary_size=LM_VOCAB, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+           intermediate_dim=32)
+LOSS_MODELS = {
+    "gpt2_tied": lambda: M.GPT2CausalLM(M.GPT2Backbone(
+        vocabulary_size=LM_VOCAB, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=T, dropout=0.0), preprocessor=None),
+    "llama3_separate_head": lambda: M.Llama3CausalLM(M.Llama3Backbone(**_LM, tie_word_embeddings=False),
+                                                     preprocessor=None),
+    "gemma2_soft_capped": lambda: M.GemmaCausalLM(M.GemmaBackbone(
+        **_LM, head_dim=8, final_logit_soft_cap=3.0, attention_logit_soft_cap=5.0), preprocessor=None),
+}
+LOSS_BUDGET = 4 * LM_VOCAB * 24  # 24 tokens per chunk: 6 chunks for 2 x 64 tokens
+
+
+def _lm(arch, targets=("query", "value"), **config):
+    keras.utils.set_random_seed(0)
+    model = tf_lora.adapt(LOSS_MODELS[arch](), tf_lora.LoRAConfig(rank=2, dropout=0.0, target_modules=targets,
+                                                                   **config))
+    rng = np.random.default_rng(3)
+    for v in model.lora_variables:
+        v.assign(0.1 * rng.standard_normal(v.shape).astype("float32"))
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # KerasHub's loss and weighted accuracy
+    return model
+
+
+def _lm_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    x = {"token_ids": rng.integers(1, LM_VOCAB, (2, T)), "padding_mask": np.ones((2, T), "int32")}
+    x["padding_mask"][1, 40:] = 0
+    return x, rng.integers(0, LM_VOCAB, (2, T)), x["padding_mask"].astype("float32")
+
+
+def _train_loss_and_grads(model, x, y, sw):
+    """compute_loss and LoRA gradients as in the model's train step (chunked while it is active)."""
+    from tf_lora.loss import _active
+
+    @tf.function
+    def step(x, y, sw):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw)
+        return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.lora_variables)]
+
+    if "_tf_lora_chunked_loss" in model.__dict__:
+        with _active(model):
+            loss, grads = step(x, y, sw)
+    else:
+        loss, grads = step(x, y, sw)
+    return float(loss), [g.numpy() for g in grads], step
+
+
+@pytest.mark.parametrize(
+    "arch,targets",
+    [("gpt2_tied", ("query", "value", "token_embedding")), ("llama3_separate_head", ("query", "value")),
+     ("gemma2_soft_capped", ("query", "value", "token_embedding"))],
+    ids=["gpt2_tied_lora_embedding", "llama3_separate_head", "gemma2_soft_capped_lora_embedding"],
+)
+def test_chunked_loss_equals_the_plain_loss_gradients_and_accuracy(arch, targets):
+    model = _lm(arch, targets)
+    x, y, sw = _lm_batch()
+    loss, grads, _ = _train_loss_and_grads(model, x, y, sw)
+    evaluated = model.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
+    predicted = model.predict(x, verbose=0)
+    assert tf_lora.use_chunked_loss(model, max_memory_bytes=LOSS_BUDGET) is model
+    loss_c, grads_c, _ = _train_loss_and_grads(model, x, y, sw)
+    assert abs(loss_c - loss) <= REL * abs(loss)
+    assert len(grads) == len(grads_c) > 0 and max(_rel(a, b) for a, b in zip(grads_c, grads)) <= REL
+    evaluated_c = model.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
+    assert evaluated_c.keys() == evaluated.keys() and "sparse_categorical_accuracy" in evaluated
+    for key, value in evaluated.items():
+        assert abs(evaluated_c[key] - value) <= REL * max(abs(value), 1e-6), key
+    np.testing.assert_array_equal(model.predict(x, verbose=0), predicted)  # predict is unchanged
+
+
+def _top_level_shapes(fn, *args):
+    return [tuple(t.shape) for op in fn.get_concrete_function(*args).graph.get_operations() for t in op.outputs]
+
+
+def test_chunked_loss_never_builds_the_full_logits():
+    """The train step's graph holds no (batch, T, vocab) logits or gradient: the
+    (chunk, vocab) ones live inside the loops' bodies only. The plain step does."""
+    x, y, sw = _lm_batch()
+    full = [(2, T, LM_VOCAB), (2 * T, LM_VOCAB)]
+    plain = _lm("llama3_separate_head")
+    _, _, step = _train_loss_and_grads(plain, x, y, sw)
+    assert any(s in full for s in _top_level_shapes(step, x, y, sw))
+    model = tf_lora.use_chunked_loss(_lm("llama3_separate_head"), max_memory_bytes=LOSS_BUDGET)
+    _, _, step = _train_loss_and_grads(model, x, y, sw)
+    from tf_lora.loss import _active
+
+    with _active(model):
+        shapes = _top_level_shapes(step, x, y, sw)
+    rows = [int(np.prod(s[:-1])) for s in shapes if s and None not in s and s[-1] == LM_VOCAB]
+    assert max(rows) == 32  # the separate head's (hidden_dim, vocab) kernel; no (tokens, vocab) tensor
+
+
+def test_fit_with_chunked_loss_chunked_attention_and_checkpointing_and_a_keras_round_trip(tmp_path):
+    x, y, sw = _lm_batch()
+    plain = _lm("gemma2_soft_capped")
+    both = _lm("gemma2_soft_capped", attention="chunked", loss="chunked", max_loss_memory=LOSS_BUDGET,
+               gradient_checkpointing=True)
+    assert "_tf_lora_chunked_loss" in both.__dict__ and _chunked_kinds(both)
+    loss, grads, _ = _train_loss_and_grads(plain, x, y, sw)
+    loss_c, grads_c, _ = _train_loss_and_grads(both, x, y, sw)
+    assert abs(loss_c - loss) <= REL * abs(loss) and max(_rel(a, b) for a, b in zip(grads_c, grads)) <= REL
+    fitted = {name: m.fit(x, y, sample_weight=sw, epochs=1, verbose=0).history for name, m in
+              (("plain", plain), ("chunked", both))}
+    assert abs(fitted["chunked"]["loss"][0] - fitted["plain"]["loss"][0]) <= REL * fitted["plain"]["loss"][0]
+    path = str(tmp_path / "lm.keras")
+    both.save(path)
+    loaded = keras.models.load_model(path)
+    assert "_tf_lora_chunked_loss" in loaded.__dict__ and _chunked_kinds(loaded)
+    assert loaded.__dict__["_tf_lora_chunked_loss"].chunk_size == 24
+
+
+def test_chunked_loss_bad_input_leaves_the_model_unchanged():
+    model = _lm("gpt2_tied")
+    with pytest.raises(TypeError, match="CausalLM"):
+        tf_lora.use_chunked_loss(model.backbone)
+    with pytest.raises(ValueError, match=r"`max_memory_bytes`, expected at least 400 bytes.*max_memory_bytes=399"):
+        tf_lora.use_chunked_loss(model, max_memory_bytes=399)
+    assert "_tf_lora_chunked_loss" not in model.__dict__ and "train_step" not in model.__dict__
+    with pytest.raises(TypeError, match="CausalLM"):
+        tf_lora.adapt(_decoder("gpt2").backbone, tf_lora.LoRAConfig(loss="chunked"))
+    with pytest.raises(ValueError, match="max_loss_memory"):
+        tf_lora.LoRAConfig(max_loss_memory=1024)
+    with pytest.raises(ValueError, match="loss"):
+        tf_lora.LoRAConfig(loss="full")
+    x, y, sw = _lm_batch()
+    tf_lora.use_chunked_loss(model, max_memory_bytes=LOSS_BUDGET)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  weighted_metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=5)])
+    with pytest.raises(NotImplementedError, match="sparse_top_k_categorical_accuracy"):
+        model.evaluate(x, y, sample_weight=sw, verbose=0)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+    with pytest.raises(NotImplementedError, match="from_logits=True"):
+        model.fit(x, y, verbose=0)

@@ -22,6 +22,7 @@ from tf_lora.adapters import (
 from tf_lora.checkpointing import checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing
 from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.convert import use_chunked_attention
+from tf_lora.loss import use_chunked_loss
 from tf_lora.distribute import BackupAndRestore, is_chief, multi_worker_strategy
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
@@ -97,6 +98,7 @@ __all__ = sorted(
         "save_adapter",
         "set_adapter",
         "use_chunked_attention",
+        "use_chunked_loss",
     ]
 )
 

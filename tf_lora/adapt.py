@@ -11,6 +11,7 @@ each float kernel as it goes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import inspect
 import math
@@ -22,6 +23,7 @@ from keras import ops
 
 from tf_lora import _compat, distribute, surgery
 from tf_lora.config import BASE_REWRITING_INITS, LoRAConfig, matches
+from tf_lora.layers.base import adopting_base_weights
 from tf_lora.layers.conv import LoRAConv, LoRAConv1D, LoRAConv2D, LoRAConv3D
 from tf_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding, _reversible_type
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, LoRALayer, _einsum_lora_equations
@@ -264,13 +266,16 @@ def _insert_adapters(targets: Dict[str, keras.layers.Layer], config: LoRAConfig,
 
     Each adapter is built in its target's name scope, so its variables get the target's
     paths (``block/attention/query/kernel``, new ones ``.../query/lora_a``). `journal`
-    records each replacement (to undo them if `adapt` fails later)."""
+    (in place only) records each target before it changes (to undo it if `adapt` fails
+    later); where it says so (`_Journal.adopts`), the adapter adopts the target's base
+    variables themselves (`adopting_base_weights`) instead of copies of them."""
     bar = keras.utils.Progbar(len(targets), unit_name="layer") if verbose else None
+    adopts = journal is not None and journal.adopts
     for i, (path, layer) in enumerate(targets.items()):
-        with _compat.scope_of(layer):
-            new = make_adapter(layer, config, path)
         if journal is not None:
-            journal.record(path, layer)
+            journal.record(path, layer)  # before the adapter adopts (and freezes) its variables
+        with _compat.scope_of(layer), adopting_base_weights(layer) if adopts else contextlib.nullcontext():
+            new = make_adapter(layer, config, path)
         _compat.become(layer, new)
         del new
         if bar is not None:
@@ -278,42 +283,57 @@ def _insert_adapters(targets: Dict[str, keras.layers.Layer], config: LoRAConfig,
 
 
 class _Journal:
-    """The layers an in-place `adapt` replaced, and what undoing them needs.
+    """The layers an in-place `adapt` replaces, and what undoing them needs.
 
-    Float adapters: each layer's original class and state (its variables), kept until
-    `adapt` has replaced and verified every layer, so any failure (an unforeseen error, an
+    Float adapters: each layer's original class and state (`_compat.snapshot`), and the
+    settings (trainable, regularizer, constraint) of its own variables, kept until `adapt`
+    has replaced and verified every layer, so any failure (an unforeseen error, an
     interrupt, a failed post-replacement check) restores the model exactly: same objects,
-    same variables, same outputs, same optimizer. The price: until `adapt` returns, the
-    replaced float weights stay alive next to their adapters' copies (up to one extra copy of
-    the targeted kernels). Under quantization the design's memory bound wins: each float
-    kernel is freed as its layer is replaced (never a second full copy), so nothing is kept;
-    every failure that can be foreseen is checked before the first change (`_precheck`), and
-    an unforeseen one names the layers already replaced.
+    same variables, same outputs, same optimizer. This holds no second copy of the weights:
+    unless the init rewrites the base (``init="pissa"``/``"olora"``), the adapter adopts the
+    replaced layer's kernel (or table) and bias variables themselves (`adopts`), so the kept
+    state refers to the very variables the adapters use (undo gives them back their settings);
+    only a variable that does not fit the adapter's (another dtype or autocast) is copied
+    and its original kept meanwhile. PiSSA/OLoRA overwrite their base with a residual, which
+    cannot be subtracted back exactly, so their adapters get copies and the originals stay
+    alive until `adapt` returns (up to one extra copy of the targeted kernels). Under
+    quantization the design's memory bound wins: each float kernel is freed as its layer is
+    replaced, so nothing is kept; every failure that can be foreseen is checked before the
+    first change (`_precheck`), and an unforeseen one names the layers already replaced.
     """
 
     def __init__(self, model, config: LoRAConfig):
         self.keep = config.quantization is None
+        self.adopts = self.keep and config.init not in BASE_REWRITING_INITS
         self.optimizer = getattr(model, "optimizer", None) if self.keep else None
-        self.entries: List[Tuple[str, keras.layers.Layer, Optional[tuple]]] = []
+        # (path, layer, snapshot or None, [(variable, trainable, regularizer, constraint)])
+        self.entries: List[Tuple[str, keras.layers.Layer, Optional[tuple], list]] = []
 
     def record(self, path: str, layer) -> None:
-        self.entries.append((path, layer, _compat.snapshot(layer) if self.keep else None))
+        """Called before `layer` changes (its adapter is made, then takes its place)."""
+        settings = ([(v, v.trainable, v.regularizer, v.constraint) for v in _compat.own_variables(layer)]
+                    if self.adopts else [])
+        self.entries.append((path, layer, _compat.snapshot(layer) if self.keep else None, settings))
 
     def undo(self, model, error: BaseException) -> None:
         """Restores the recorded layers (float adapters), or notes on `error` what is left."""
         if not self.entries:
             return
         if self.keep:
-            for _, layer, saved in reversed(self.entries):
-                _compat.restore(layer, saved)
+            for _, layer, saved, settings in reversed(self.entries):
+                _compat.restore(layer, saved)  # (a layer whose adapter failed to build: its own state)
+                for variable, trainable, regularizer, constraint in settings:
+                    variable.trainable, variable.regularizer, variable.constraint = trainable, regularizer, constraint
             if self.optimizer is not None:
                 model.optimizer = self.optimizer
             _compat.reset_traced_functions(model)
         else:
-            note = (f"tf_lora.adapt(inplace=True) had already replaced the layers {[p for p, _, _ in self.entries]} "
-                    "by quantized adapters and freed their float kernels, so the model is partially adapted: "
-                    "reload it before adapting again.")
-            error.__notes__ = [*getattr(error, "__notes__", []), note]
+            replaced = [p for p, layer, _, _ in self.entries if isinstance(layer, LoRALayer)]
+            if replaced:
+                note = (f"tf_lora.adapt(inplace=True) had already replaced the layers {replaced} by quantized "
+                        "adapters and freed their float kernels, so the model is partially adapted: reload it "
+                        "before adapting again.")
+                error.__notes__ = [*getattr(error, "__notes__", []), note]
         self.entries = []
 
 
@@ -460,6 +480,10 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
         # Checked here, before anything changes; the adapted model switches itself
         # (AdaptedModel._init_adapted), also when it is loaded from a .keras file.
         plan_chunked_attention(model, config.max_attention_memory)
+    if config.loss == "chunked":
+        from tf_lora.loss import check_chunked_loss
+
+        check_chunked_loss(model, config.max_loss_memory)
     targets, _ = _select(model, config)
     for path, layer in targets.items():
         _precheck(layer, path, config)

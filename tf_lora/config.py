@@ -196,6 +196,11 @@ class LoRAConfig:
             attention, as `tf_lora.use_chunked_attention`; `None` keeps them.
         max_attention_memory: Memory budget in bytes for one chunked
             attention score tile (only with ``attention="chunked"``).
+        loss: ``"chunked"`` trains a KerasHub CausalLM with the chunked LM loss
+            (`tf_lora.use_chunked_loss`: token cross-entropy without the full
+            logits); `None` keeps the model's loss.
+        max_loss_memory: Memory budget in bytes for one chunk's float32 logits
+            (only with ``loss="chunked"``).
 
     Example:
         >>> cfg = LoRAConfig(rank=4, target_modules=("query", "value"))
@@ -219,6 +224,8 @@ class LoRAConfig:
     quantization: Optional[QLoRAConfig] = None
     attention: Optional[str] = None
     max_attention_memory: Optional[int] = None
+    loss: Optional[str] = None
+    max_loss_memory: Optional[int] = None
 
     def __post_init__(self):
         _check_rank("rank", self.rank)
@@ -276,6 +283,13 @@ class LoRAConfig:
                 raise ValueError(_invalid("max_attention_memory", "None or a positive number of bytes", self.max_attention_memory))
             if self.attention != "chunked":
                 raise ValueError(_invalid("max_attention_memory", "None unless attention='chunked'", self.max_attention_memory))
+        if self.loss not in _ATTENTION:
+            raise ValueError(_invalid("loss", "None or 'chunked'", self.loss))
+        if self.max_loss_memory is not None:
+            if not _is_int(self.max_loss_memory) or self.max_loss_memory <= 0:
+                raise ValueError(_invalid("max_loss_memory", "None or a positive number of bytes", self.max_loss_memory))
+            if self.loss != "chunked":
+                raise ValueError(_invalid("max_loss_memory", "None unless loss='chunked'", self.max_loss_memory))
 
     # -- per-layer values -------------------------------------------------
     def rank_for(self, name: str, path: str) -> int:

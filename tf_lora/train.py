@@ -58,6 +58,10 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
             from tf_lora.convert import use_chunked_attention
 
             use_chunked_attention(self, lora_config.max_attention_memory)
+        if lora_config.loss == "chunked":
+            from tf_lora.loss import use_chunked_loss
+
+            use_chunked_loss(self, lora_config.max_loss_memory)
         self.reset_compiled_functions()
 
     @property

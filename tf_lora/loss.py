@@ -1,0 +1,294 @@
+"""A chunked LM loss: token cross-entropy without the (batch, T, vocab) logits.
+
+`chunked_token_losses` computes each token's cross-entropy and whether its argmax is
+the label from the final hidden states and the model's own output projection (KerasHub's
+`ReversibleEmbedding` with ``reverse=True``: the tied token embedding or a separate head,
+soft-capped where the model is, with its LoRA/QLoRA adapters if any), a chunk of tokens at
+a time in a `tf.while_loop`. The backward pass (`tf.custom_gradient`) recomputes each
+chunk's logits, so at most one chunk's logits and their gradient exist at a time (the
+idea of Liger Kernel's FusedLinearCrossEntropy and of Cut Cross-Entropy).
+
+`use_chunked_loss(model)` switches a KerasHub `CausalLM` to it for `fit` and `evaluate`:
+inside its train/test step the model returns the backbone's hidden states, `compute_loss`
+reduces the chunked token losses with the compiled loss's own reduction and
+`sample_weight`, and the weighted accuracy KerasHub compiles with is fed each token's hit.
+`predict`, `score`, `generate` and direct calls are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Optional, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+from tf_lora import _compat
+from tf_lora.layers.chunked_op import _check_positive_int
+
+__all__ = ["DEFAULT_MAX_LOSS_MEMORY", "check_chunked_loss", "chunked_token_losses", "use_chunked_loss"]
+
+DEFAULT_MAX_LOSS_MEMORY = 32 * 2**20
+"""Budget for one chunk's float32 logits when none is given: 32 MiB, i.e. 170 tokens per
+chunk at a vocabulary of 49,152 (the backward holds about three such buffers)."""
+
+_ACCURACY_NAMES = ("accuracy", "acc", "sparse_categorical_accuracy")
+
+
+def chunk_tokens(vocab_size: int, max_memory_bytes: Optional[int]) -> int:
+    """Tokens per chunk whose float32 logits fit `max_memory_bytes`."""
+    _check_positive_int("max_memory_bytes", max_memory_bytes)
+    budget = DEFAULT_MAX_LOSS_MEMORY if max_memory_bytes is None else max_memory_bytes
+    if budget < 4 * vocab_size:
+        raise ValueError(
+            f"Received an invalid value for `max_memory_bytes`, expected at least {4 * vocab_size} bytes: one "
+            f"token's float32 logits over the vocabulary of {vocab_size}. Received: max_memory_bytes={budget}")
+    return budget // (4 * vocab_size)
+
+
+@tf.autograph.experimental.do_not_convert
+def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_size: int = 128
+                         ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Per-token cross-entropy and argmax hits of ``layer(hidden, reverse=True)``, in chunks.
+
+    Args:
+        hidden: (..., hidden_dim) final hidden states.
+        labels: (...) integer token ids.
+        layer: The output projection, called as ``layer(h, reverse=True)`` on (chunk,
+            hidden_dim) rows (a KerasHub `ReversibleEmbedding` or tf_lora's adapted one).
+        trained: The variables of `layer` that get gradients; the others are constants.
+        chunk_size: Tokens per chunk.
+
+    Returns:
+        ``(losses, hits)``, float32 tensors of `labels`' shape: ``logsumexp(z) - z[label]``
+        and ``argmax(z) == label`` for the logits `z` of each token. Gradients flow to
+        `hidden` and `trained` through `losses`.
+    """
+    trained = list(trained)
+    ids = {id(v) for v in trained}
+    # Everything `layer` reads is given to it through a StatelessScope: the trained variables
+    # as inputs of the custom gradient, the others as constants read here, outside it.
+    frozen = [(v, tf.stop_gradient(tf.convert_to_tensor(v.value))) for v in layer.variables if id(v) not in ids]
+    depth = hidden.shape[-1]
+    h = tf.reshape(hidden, [-1, depth])
+    y = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    tokens = tf.shape(y)[0]
+    n = (tokens + chunk_size - 1) // chunk_size
+    h = tf.pad(h, [[0, n * chunk_size - tokens], [0, 0]])
+    y = tf.pad(y, [[0, n * chunk_size - tokens]])
+
+    def logits_of(h_i, values):
+        with keras.StatelessScope(state_mapping=list(zip(trained, values)) + frozen):
+            return tf.cast(layer(h_i, reverse=True), tf.float32)
+
+    def rows(x, i):
+        return tf.slice(x, [i * chunk_size] + [0] * (x.shape.rank - 1), [chunk_size] + [-1] * (x.shape.rank - 1))
+
+    @tf.custom_gradient
+    def run(h, *values):
+        def body(i, loss_ta, hit_ta):
+            y_i = rows(y, i)
+            z = logits_of(rows(h, i), values)
+            loss = tf.reduce_logsumexp(z, -1) - tf.gather(z, y_i, batch_dims=1)
+            hit = tf.cast(tf.equal(tf.argmax(z, -1, output_type=tf.int32), y_i), tf.float32)
+            return i + 1, loss_ta.write(i, loss), hit_ta.write(i, hit)
+
+        arrays = [tf.TensorArray(tf.float32, size=n, element_shape=[chunk_size]) for _ in range(2)]
+        _, loss_ta, hit_ta = tf.while_loop(lambda i, *_: i < n, body, (0, *arrays), parallel_iterations=1)
+
+        def grad(d_loss, _d_hits):
+            d_loss = tf.pad(tf.reshape(tf.cast(d_loss, tf.float32), [-1]), [[0, n * chunk_size - tokens]])
+
+            def back(i, dh_ta, *acc):
+                h_i, y_i = rows(h, i), rows(y, i)
+                with tf.GradientTape() as tape:
+                    tape.watch([h_i, *values])
+                    z = logits_of(h_i, values)
+                # d loss / d z = softmax(z) - one_hot(label), per token times its upstream gradient
+                d_z = (tf.nn.softmax(z) - tf.one_hot(y_i, tf.shape(z)[-1])) * rows(d_loss, i)[:, None]
+                grads = tape.gradient(z, [h_i, *values], output_gradients=d_z)
+                grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, [h_i, *values])]
+                return (i + 1, dh_ta.write(i, grads[0]), *[a + g for a, g in zip(acc, grads[1:])])
+
+            dh_ta = tf.TensorArray(h.dtype, size=n, element_shape=[chunk_size, depth])
+            init = (0, dh_ta, *[tf.zeros_like(v) for v in values])
+            _, dh_ta, *d_values = tf.while_loop(lambda i, *_: i < n, back, init, parallel_iterations=1)
+            return [dh_ta.concat(), *d_values]
+
+        return (loss_ta.concat(), hit_ta.concat()), grad
+
+    losses, hits = run(h, *[tf.convert_to_tensor(v.value) for v in trained])
+    shape = tf.shape(labels)
+    return tf.reshape(losses[:tokens], shape), tf.reshape(hits[:tokens], shape)
+
+
+class _GivenLosses(keras.losses.Loss):
+    """Reduces per-token losses given as `y_pred` exactly as the compiled loss would."""
+
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+class _State:
+    def __init__(self, chunk_size: int):
+        self.chunk_size, self.active, self.hits = chunk_size, False, None
+
+
+def _state(model) -> "_State":
+    return model.__dict__["_tf_lora_chunked_loss"]
+
+
+@contextlib.contextmanager
+def _active(model):
+    state = _state(model)
+    state.active = True
+    try:
+        yield
+    finally:
+        state.active, state.hits = False, None
+
+
+def _check_compiled(model) -> None:
+    """The compiled loss must be one the chunked path computes exactly."""
+    loss = getattr(model, "loss", None)
+    config = loss.get_config() if isinstance(loss, keras.losses.SparseCategoricalCrossentropy) else {}
+    if not config.get("from_logits") or config.get("ignore_class") is not None:
+        raise NotImplementedError(
+            "The chunked LM loss computes keras.losses.SparseCategoricalCrossentropy(from_logits=True) (KerasHub's "
+            f"default for a CausalLM). Received: loss={loss!r}; compile with that loss, or do not use the chunked loss.")
+
+
+def _check_metrics(model) -> None:
+    """Run after the step's metric update (Keras builds compiled metrics lazily)."""
+    for metric in _compiled_metrics(model):
+        if metric.name not in _ACCURACY_NAMES or not isinstance(
+                metric, (keras.metrics.SparseCategoricalAccuracy, keras.metrics.MeanMetricWrapper)):
+            raise NotImplementedError(
+                f"The metric {metric.name!r} ({type(metric).__name__}) needs the full (batch, T, vocab) logits, "
+                "which the chunked LM loss never builds; it computes SparseCategoricalAccuracy (KerasHub's default "
+                "weighted metric) only. Compile without that metric, or do not use the chunked loss.")
+
+
+def _compiled_metrics(model):
+    """The metrics given to `compile` (the leaves of Keras' built compile-metrics container)."""
+    found = []
+    for metric in model.metrics:
+        if type(metric).__name__ == "CompileMetrics":
+            found.extend(metric.metrics)
+    return found
+
+
+def _call(self, inputs, *args, **kwargs):
+    if not _state(self).active:
+        return type(self).call(self, inputs, *args, **kwargs)
+    return self.backbone(inputs, training=kwargs.get("training"))  # the hidden states
+
+
+def _train_step(self, data):
+    _check_compiled(self)
+    with _active(self):
+        return type(self).train_step(self, data)
+
+
+def _test_step(self, data):
+    _check_compiled(self)
+    with _active(self):
+        return type(self).test_step(self, data)
+
+
+def _compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwargs):
+    state = _state(self)
+    if not state.active:
+        return type(self).compute_loss(self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **kwargs)
+    layer = self.backbone.token_embedding
+    train = {id(v) for v in self.trainable_variables}
+    trained = [v for v in layer.variables if id(v) in train]
+    losses, state.hits = chunked_token_losses(y_pred, y, layer, trained, state.chunk_size)
+    compiled = self.loss
+    loss = _GivenLosses(name=compiled.name, reduction=compiled.reduction, dtype=compiled.dtype)(y, losses, sample_weight)
+    for extra in self.losses:  # add_loss / regularizers, as Keras' compute_loss adds them
+        loss = loss + tf.reduce_sum(tf.cast(extra, loss.dtype))
+    return loss
+
+
+def _compute_metrics(self, x, y, y_pred, sample_weight=None):
+    state = _state(self)
+    if not state.active:
+        return type(self).compute_metrics(self, x, y, y_pred, sample_weight=sample_weight)
+    # SparseCategoricalAccuracy of (label 1, scores [1 - hit, hit]) is each token's hit.
+    hits = state.hits
+    results = type(self).compute_metrics(self, x, tf.ones_like(hits, tf.int32), tf.stack([1 - hits, hits], -1),
+                                         sample_weight=sample_weight)
+    _check_metrics(self)  # at trace time: before any step runs
+    return results
+
+
+_OVERRIDES = {"call": _call, "train_step": _train_step, "test_step": _test_step,
+              "compute_loss": _compute_loss, "compute_metrics": _compute_metrics}
+
+
+def _check_causal_lm(model, name: str = "model"):
+    """The projection layer of a KerasHub CausalLM whose output is ``token_embedding(backbone(x), reverse=True)``."""
+    try:
+        from keras_hub.models import CausalLM
+    except ImportError:  # pragma: no cover - keras_hub is optional
+        CausalLM = None
+    if CausalLM is None or not isinstance(model, CausalLM):
+        raise TypeError(f"Received an invalid value for `{name}`, expected a KerasHub CausalLM (the chunked LM loss "
+                        f"needs its backbone and output projection). Received: {name}={type(model).__name__}")
+    layer = getattr(model.backbone, "token_embedding", None)
+    if layer is None or not model.layers or model.layers[-1] is not layer:
+        raise NotImplementedError(
+            f"The chunked LM loss needs a CausalLM whose logits are backbone.token_embedding(hidden, reverse=True); "
+            f"{type(model).__name__} {model.name!r} computes them otherwise.")
+    return layer
+
+
+def check_chunked_loss(model, max_memory_bytes: Optional[int] = None) -> int:
+    """Tokens per chunk `use_chunked_loss` would use; raises its errors, changing nothing."""
+    return chunk_tokens(int(_check_causal_lm(model).input_dim), max_memory_bytes)
+
+
+def use_chunked_loss(model, max_memory_bytes: Optional[int] = None):
+    """Switches a KerasHub CausalLM's training loss to the chunked LM loss, in place.
+
+    `fit` and `evaluate` then compute the token cross-entropy from the backbone's final
+    hidden states and the output projection a chunk of tokens at a time (see
+    `chunked_token_losses`): the (batch, T, vocab) logits and their gradient never
+    exist. The loss equals the compiled ``SparseCategoricalCrossentropy(from_logits=True)``
+    with the same `sample_weight` (KerasHub's padding and prompt masks) and reduction,
+    and the compiled weighted accuracy is computed exactly. `predict`, `score`,
+    `generate` and calling the model are unchanged. Another compiled loss or a metric
+    that needs the logits raises `NotImplementedError` at `fit`/`evaluate`, naming it.
+
+    Args:
+        model: A KerasHub `CausalLM` (adapted or not).
+        max_memory_bytes: Budget for one chunk's float32 logits (tokens x vocabulary x
+            4 bytes); defaults to `DEFAULT_MAX_LOSS_MEMORY` (32 MiB).
+
+    Returns:
+        `model`, switched.
+
+    Raises:
+        TypeError: `model` is not a KerasHub CausalLM.
+        ValueError: `max_memory_bytes` below one token's logits (the message gives the
+            minimum).
+        NotImplementedError: a CausalLM whose logits are not its token embedding's
+            reverse projection of the backbone output.
+        On any error the model is left unchanged.
+
+    Example:
+        >>> lm = tf_lora.use_chunked_loss(lm, max_memory_bytes=64 * 2**20)  # doctest: +SKIP
+        >>> lm.fit(train_ds)                                                 # doctest: +SKIP
+    """
+    chunk = check_chunked_loss(model, max_memory_bytes)
+    state = model.__dict__.get("_tf_lora_chunked_loss")
+    if state is not None:
+        state.chunk_size = chunk
+    else:
+        object.__setattr__(model, "_tf_lora_chunked_loss", _State(chunk))
+        for name, fn in _OVERRIDES.items():
+            object.__setattr__(model, name, types.MethodType(fn, model))
+    _compat.reset_traced_functions(model)
+    return model
