@@ -533,3 +533,27 @@ def set_initial_epoch(model, epoch) -> None:
     does from `on_train_begin` (the trainer reads ``_initial_epoch`` after that hook);
     None gives later `fit` calls their own `initial_epoch` back."""
     model._initial_epoch = None if epoch is None else int(epoch)
+
+
+@contextlib.contextmanager
+def deferred_variables() -> Iterator[None]:
+    """Variables created inside stay uninitialized (no memory, no random draws) until
+    `initialize_variable` gives each its first value: Keras' `StatelessScope` defers them
+    (`initialize_variables=False` leaves them pending on exit)."""
+    with keras.StatelessScope(initialize_variables=False):
+        yield
+
+
+def initialize_variable(variable, value) -> None:
+    """Gives a variable created under `deferred_variables` its first value (``Variable._initialize``)."""
+    variable._initialize(keras.ops.cast(value, variable.dtype))
+
+
+def forget_deferred(variables) -> None:
+    """Drops `variables` from Keras' list of variables pending initialization, so that no later
+    `StatelessScope` initializes them (again) with their initializers."""
+    from keras.src.backend.common import global_state
+
+    ids = {id(v) for v in variables}
+    pending = global_state.get_global_attribute("uninitialized_variables") or []
+    global_state.set_global_attribute("uninitialized_variables", [v for v in pending if id(v) not in ids])

@@ -2,9 +2,10 @@
 
 Order of work, so that a bad file fails before anything large is allocated: read and check the
 header (`GGUFFile`), pick the architecture (`gguf_archs.select`), check the hyper-parameters, the
-vocabulary and every tensor's presence, type and shape; only then build the KerasHub backbone and
-fill it one tensor at a time (dequantized by the `gguf` package, un-permuted, transposed), and check
-that every backbone variable was written.
+vocabulary and every tensor's presence, type and shape; only then build the KerasHub backbone with
+its variables left uninitialized (no random draws, no memory) and give each its value from the file,
+one tensor at a time (dequantized by the `gguf` package, un-permuted, transposed), checking that
+every backbone variable got one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
+from tf_lora import _compat
 from tf_lora.interop import gguf_archs
 from tf_lora.interop.gguf_file import SUPPORTED_TYPES, GGUFFile
 from tf_lora.interop.gguf_tokenizer import GGUFTokenizer
@@ -78,26 +80,30 @@ def _targets(arch: gguf_archs.Arch, hp: Dict[str, Any], names) -> Dict[str, tupl
 
 
 def _fill(backbone, file: GGUFFile, arch: gguf_archs.Arch, hp: Dict[str, Any]) -> None:
+    """Gives every backbone variable (created uninitialized) its value from the file, one tensor at a time."""
     variables = {v.path: v for v in backbone.weights}
     targets = _targets(arch, hp, file.tensors)
     if "token_embedding/reverse_embeddings" in variables and "output.weight" not in file.tensors:
         targets["token_embd.weight#head"] = ("token_embedding/reverse_embeddings", "T", "output.weight")
     written = set()
-    for name, (path, layout, stem) in targets.items():
-        if path not in variables:
-            raise RuntimeError(f"{type(backbone).__name__} has no variable '{path}' for GGUF tensor '{name}'.")
-        variable = variables[path]
-        w = file.read(name.split("#")[0])
-        if arch.permute_qk and stem == "attn_q.weight":
-            w = _unpermute(w, hp["heads"])
-        elif arch.permute_qk and stem == "attn_k.weight":
-            w = _unpermute(w, hp["kv_heads"])
-        if stem.endswith("norm.weight"):
-            w = w + np.float32(arch.norm_offset)
-        variable.assign(_to_keras(w, layout, tuple(variable.shape)))
-        written.add(path)
+    try:
+        for name, (path, layout, stem) in targets.items():
+            if path not in variables:
+                raise RuntimeError(f"{type(backbone).__name__} has no variable '{path}' for GGUF tensor '{name}'.")
+            variable = variables[path]
+            w = file.read(name.split("#")[0])
+            if arch.permute_qk and stem == "attn_q.weight":
+                w = _unpermute(w, hp["heads"])
+            elif arch.permute_qk and stem == "attn_k.weight":
+                w = _unpermute(w, hp["kv_heads"])
+            if stem.endswith("norm.weight"):
+                w = w + np.float32(arch.norm_offset)
+            _compat.initialize_variable(variable, _to_keras(w, layout, tuple(variable.shape)))
+            written.add(path)
+    finally:
+        _compat.forget_deferred(backbone.weights)
     unwritten = sorted(set(variables) - written)
-    if unwritten:  # never hand back a model with randomly initialized weights
+    if unwritten:  # never hand back a model with uninitialized or random weights
         raise RuntimeError(f"GGUF file '{file.path}' left {type(backbone).__name__} variables unset: {unwritten[:5]}.")
 
 
@@ -186,7 +192,8 @@ def load_gguf(path: Union[str, os.PathLike], *, dtype: Optional[Any] = None, qua
 
     import keras_hub
 
-    backbone = getattr(keras_hub.models, arch.backbone)(**arch.config(hp), dtype=dtype)
+    with _compat.deferred_variables():  # no random initialization: each variable gets the file's value
+        backbone = getattr(keras_hub.models, arch.backbone)(**arch.config(hp), dtype=dtype)
     _fill(backbone, file, arch, hp)
     preprocessor = getattr(keras_hub.models, arch.preprocessor)(
         tokenizer=tokenizer, sequence_length=sequence_length, add_start_token=tokenizer.add_bos,
