@@ -256,6 +256,15 @@ def test_adapt_with_chunked_attention_round_trips_through_keras_file(tmp_path):
     assert all(layer.max_memory_bytes == 4 * 4 * 2 * CHUNK * CHUNK
                for layer in loaded._flatten_layers() if isinstance(layer, ChunkedSeam))
     np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # Adapter files: variable paths are the plain model's, both ways and in PEFT's format.
+    rng = np.random.default_rng(5)
+    for v in model.lora_variables:
+        v.assign(0.1 * rng.standard_normal(v.shape).astype("float32"))
+    for fmt, name in (("tf_lora", "a.adapter"), ("peft", "peft_dir")):
+        tf_lora.save_adapter(model, str(tmp_path / name), format=fmt)
+    tf_lora.load_adapter(plain, str(tmp_path / "a.adapter"))
+    expected = np.asarray(model(x))
+    np.testing.assert_allclose(np.asarray(plain(x)), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_adapt_inplace_with_chunked_attention_switches_the_model():
