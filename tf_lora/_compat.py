@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import types
 from typing import Iterator, List
 
@@ -334,11 +335,11 @@ def remap_tracked_ids(obj, memo) -> None:
 def copy_variable(variable) -> "keras.Variable":
     """A new variable with `variable`'s value and settings, created the normal way
     (so inside a `tf.distribute` strategy scope it is a distributed variable)."""
-    new = keras.Variable(
-        initializer=keras.ops.convert_to_tensor(variable), dtype=variable.dtype, trainable=variable.trainable,
-        autocast=getattr(variable, "_autocast", True), aggregation=variable.aggregation,
-        synchronization=getattr(variable, "synchronization", "auto"), name=variable.name,
-    )
+    kwargs = dict(dtype=variable.dtype, trainable=variable.trainable, autocast=getattr(variable, "_autocast", True),
+                  aggregation=variable.aggregation, name=variable.name)
+    if "synchronization" in inspect.signature(keras.Variable.__init__).parameters:  # Keras >= 3.6
+        kwargs["synchronization"] = getattr(variable, "synchronization", "auto")
+    new = keras.Variable(initializer=keras.ops.convert_to_tensor(variable), **kwargs)
     new._path = variable.path  # keep the layer-scoped path ("query/kernel")
     for attr in ("_regularizer", "_constraint", "_overwrite_with_gradient"):
         if attr in variable.__dict__:
