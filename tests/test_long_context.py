@@ -338,9 +338,9 @@ LOSS_MODELS = {
 LOSS_BUDGET = 4 * LM_VOCAB * 24  # 24 tokens per chunk: 6 chunks for 2 x 64 tokens
 
 
-def _lm(arch, targets=("query", "value"), **config):
+def _lm(arch, targets=("query", "value"), dropout=0.0, **config):
     keras.utils.set_random_seed(0)
-    model = tf_lora.adapt(LOSS_MODELS[arch](), tf_lora.LoRAConfig(rank=2, dropout=0.0, target_modules=targets,
+    model = tf_lora.adapt(LOSS_MODELS[arch](), tf_lora.LoRAConfig(rank=2, dropout=dropout, target_modules=targets,
                                                                    **config))
     rng = np.random.default_rng(3)
     for v in model.lora_variables:
@@ -461,3 +461,39 @@ def test_chunked_loss_bad_input_leaves_the_model_unchanged():
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
     with pytest.raises(NotImplementedError, match="from_logits=True"):
         model.fit(x, y, verbose=0)
+
+
+def test_chunked_loss_dropout_of_an_adapter_on_the_output_projection():
+    """LoRA dropout on the tied embedding's reverse projection: active in training only,
+    drawn from the layer's seed state (which advances), and the recomputing gradient is the
+    gradient of the loss with those masks (central finite difference, relative 1e-2)."""
+    from tf_lora.loss import chunked_token_losses
+
+    model = _lm("gpt2_tied", ("token_embedding",), dropout=0.5)
+    layer = model.backbone.token_embedding
+    _, y, sw = _lm_batch()
+    hidden = tf.constant(np.random.default_rng(4).standard_normal((2, T, 16)).astype("float32"))
+    state = layer.seed_generator.state
+    start = state.numpy().copy()
+    lora_b = next(v for v in model.lora_variables if v.name.startswith("lora_b"))
+
+    def loss_and_grad(training=True):
+        state.assign(start)
+        with tf.GradientTape() as tape:
+            losses, _ = chunked_token_losses(hidden, y, layer, model.lora_variables, 24, training)
+            loss = tf.reduce_sum(losses * sw)
+        return float(loss), tape.gradient(loss, lora_b).numpy()
+
+    loss, grad = loss_and_grad()
+    assert not np.array_equal(state.numpy(), start)  # the state advanced
+    assert loss_and_grad()[0] == loss  # the same state draws the same masks
+    assert abs(loss_and_grad(training=False)[0] - loss) > 1e-3 * abs(loss)  # dropout acted
+    direction = np.random.default_rng(7).standard_normal(lora_b.shape).astype("float32")
+    base, eps = lora_b.numpy(), 1e-2
+    sides = []
+    for sign in (1, -1):
+        lora_b.assign(base + sign * eps * direction)
+        sides.append(loss_and_grad()[0])
+    lora_b.assign(base)
+    numeric, analytic = (sides[0] - sides[1]) / (2 * eps), float(np.sum(grad * direction))
+    assert abs(numeric - analytic) <= 1e-2 * abs(analytic), (numeric, analytic)

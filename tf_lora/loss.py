@@ -48,8 +48,8 @@ def chunk_tokens(vocab_size: int, max_memory_bytes: Optional[int]) -> int:
 
 
 @tf.autograph.experimental.do_not_convert
-def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_size: int = 128
-                         ) -> Tuple[tf.Tensor, tf.Tensor]:
+def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_size: int = 128,
+                         training: bool = False) -> Tuple[tf.Tensor, tf.Tensor]:
     """Per-token cross-entropy and argmax hits of ``layer(hidden, reverse=True)``, in chunks.
 
     Args:
@@ -59,6 +59,9 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
             hidden_dim) rows (a KerasHub `ReversibleEmbedding` or tf_lora's adapted one).
         trained: The variables of `layer` that get gradients; the others are constants.
         chunk_size: Tokens per chunk.
+        training: Passed to `layer` (dropout of a LoRA adapter on it). Chunk ``i`` draws
+            its dropout from the layer's seed state plus ``i`` (the same in the forward and
+            the recomputation), and the state then advances past the chunks drawn.
 
     Returns:
         ``(losses, hits)``, float32 tensors of `labels`' shape: ``logsumexp(z) - z[label]``
@@ -66,10 +69,12 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
         `hidden` and `trained` through `losses`.
     """
     trained = list(trained)
-    ids = {id(v) for v in trained}
+    seeds = _seed_states(layer)
+    ids = {id(v) for v in trained + seeds}
     # Everything `layer` reads is given to it through a StatelessScope: the trained variables
     # as inputs of the custom gradient, the others as constants read here, outside it.
     frozen = [(v, tf.stop_gradient(tf.convert_to_tensor(v.value))) for v in layer.variables if id(v) not in ids]
+    seed_values = [tf.convert_to_tensor(v.value) for v in seeds]
     depth = hidden.shape[-1]
     h = tf.reshape(hidden, [-1, depth])
     y = tf.reshape(tf.cast(labels, tf.int32), [-1])
@@ -78,9 +83,10 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
     h = tf.pad(h, [[0, n * chunk_size - tokens], [0, 0]])
     y = tf.pad(y, [[0, n * chunk_size - tokens]])
 
-    def logits_of(h_i, values):
-        with keras.StatelessScope(state_mapping=list(zip(trained, values)) + frozen):
-            return tf.cast(layer(h_i, reverse=True), tf.float32)
+    def logits_of(h_i, values, i):
+        chunk_seeds = [(v, s + tf.cast(tf.stack([0, i]), s.dtype)) for v, s in zip(seeds, seed_values)]
+        with keras.StatelessScope(state_mapping=list(zip(trained, values)) + frozen + chunk_seeds):
+            return tf.cast(layer(h_i, reverse=True, training=training), tf.float32)
 
     def rows(x, i):
         return tf.slice(x, [i * chunk_size] + [0] * (x.shape.rank - 1), [chunk_size] + [-1] * (x.shape.rank - 1))
@@ -89,7 +95,7 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
     def run(h, *values):
         def body(i, loss_ta, hit_ta):
             y_i = rows(y, i)
-            z = logits_of(rows(h, i), values)
+            z = logits_of(rows(h, i), values, i)
             loss = tf.reduce_logsumexp(z, -1) - tf.gather(z, y_i, batch_dims=1)
             hit = tf.cast(tf.equal(tf.argmax(z, -1, output_type=tf.int32), y_i), tf.float32)
             return i + 1, loss_ta.write(i, loss), hit_ta.write(i, hit)
@@ -104,7 +110,7 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
                 h_i, y_i = rows(h, i), rows(y, i)
                 with tf.GradientTape() as tape:
                     tape.watch([h_i, *values])
-                    z = logits_of(h_i, values)
+                    z = logits_of(h_i, values, i)
                 # d loss / d z = softmax(z) - one_hot(label), per token times its upstream gradient
                 d_z = (tf.nn.softmax(z) - tf.one_hot(y_i, tf.shape(z)[-1])) * rows(d_loss, i)[:, None]
                 grads = tape.gradient(z, [h_i, *values], output_gradients=d_z)
@@ -119,8 +125,23 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
         return (loss_ta.concat(), hit_ta.concat()), grad
 
     losses, hits = run(h, *[tf.convert_to_tensor(v.value) for v in trained])
+    for v, s in zip(seeds, seed_values):  # past every chunk's draws, as n calls of the layer would
+        v.assign(s + tf.cast(tf.stack([0, n + 1]), s.dtype))
     shape = tf.shape(labels)
     return tf.reshape(losses[:tokens], shape), tf.reshape(hits[:tokens], shape)
+
+
+def _seed_states(layer) -> list:
+    """The state variables of the SeedGenerators `layer` and its sublayers draw from."""
+    from tf_lora import surgery
+
+    found, seen = [], set()
+    for sub in [layer, *(sub for _, sub, _ in surgery.walk(layer))]:
+        for value in vars(sub).values():
+            if isinstance(value, keras.random.SeedGenerator) and id(value.state) not in seen:
+                seen.add(id(value.state))
+                found.append(value.state)
+    return found
 
 
 class _GivenLosses(keras.losses.Loss):
@@ -132,7 +153,7 @@ class _GivenLosses(keras.losses.Loss):
 
 class _State:
     def __init__(self, chunk_size: int):
-        self.chunk_size, self.active, self.hits = chunk_size, False, None
+        self.chunk_size, self.active, self.training, self.hits = chunk_size, False, False, None
 
 
 def _state(model) -> "_State":
@@ -140,9 +161,9 @@ def _state(model) -> "_State":
 
 
 @contextlib.contextmanager
-def _active(model):
+def _active(model, training: bool = True):
     state = _state(model)
-    state.active = True
+    state.active, state.training = True, training
     try:
         yield
     finally:
@@ -193,7 +214,7 @@ def _train_step(self, data):
 
 def _test_step(self, data):
     _check_compiled(self)
-    with _active(self):
+    with _active(self, training=False):
         return type(self).test_step(self, data)
 
 
@@ -204,7 +225,7 @@ def _compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwarg
     layer = self.backbone.token_embedding
     train = {id(v) for v in self.trainable_variables}
     trained = [v for v in layer.variables if id(v) in train]
-    losses, state.hits = chunked_token_losses(y_pred, y, layer, trained, state.chunk_size)
+    losses, state.hits = chunked_token_losses(y_pred, y, layer, trained, state.chunk_size, state.training)
     compiled = self.loss
     loss = _GivenLosses(name=compiled.name, reduction=compiled.reduction, dtype=compiled.dtype)(y, losses, sample_weight)
     for extra in self.losses:  # add_loss / regularizers, as Keras' compute_loss adds them
