@@ -8,6 +8,7 @@
   type, missing tensor, shape mismatch; all fail before the backbone is built.
 """
 
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -293,12 +294,28 @@ def test_generate_greedy_and_options(tmp_path):
     assert out == lm.preprocessor.tokenizer.detokenize(ids).replace("<|im_end|>", "")
     half = tf_lora.load_gguf(path, dtype="bfloat16")
     assert {v.dtype for v in half.backbone.weights} == {"bfloat16"}
-    q = tf_lora.load_gguf(path, quantization=tf_lora.QLoRAConfig())
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ("query", "feedforward_output_dense")], ids=["all", "some"])
+def test_quantization_without_a_float_copy(tmp_path, monkeypatch, targets):
+    """`quantization=` equals loading then `adapt(..., inplace=True)`, and no replaced projection kernel
+    ever holds a float value (each is read from the file while it is quantized)."""
+    from tf_lora import _compat
     from tf_lora.surgery import walk
 
-    kernels = [layer for _, layer, _ in walk(q) if isinstance(layer, tf_lora.QLoRAEinsumDense)]
-    assert len(kernels) == 2 * 4  # q, k, v, o per block (the MLP's are QLoRADense)
-    assert np.isfinite(_logits(q, IDS)).all()
+    path = write_gguf(tmp_path / "m.gguf", hidden=32, ffn=64)
+    config = tf_lora.LoRAConfig(rank=4, target_modules=targets)
+    q = tf_lora.QLoRAConfig()
+    expected = tf_lora.adapt(tf_lora.load_gguf(path), dataclasses.replace(config, quantization=q), inplace=True)
+    stored = []
+    initialize = _compat.initialize_variable
+    monkeypatch.setattr(_compat, "initialize_variable", lambda v, value: (stored.append(v.path), initialize(v, value)))
+    lm = tf_lora.load_gguf(path, quantization=q, lora=config)
+    np.testing.assert_array_equal(_logits(lm, IDS), _logits(expected, IDS))
+    quantized = [p for p, layer, _ in walk(lm) if isinstance(layer, (tf_lora.QLoRADense, tf_lora.QLoRAEinsumDense))]
+    assert len(quantized) == (14 if targets == "all-linear" else 4)
+    floats = [p for p in stored if p.endswith("/kernel")]
+    assert len(floats) == 14 - len(quantized)  # only the kernels left as they were got a float value
 
 
 def test_tokenizer_in_tf_data_equals_eager(tmp_path):

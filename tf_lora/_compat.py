@@ -558,3 +558,14 @@ def forget_deferred(variables) -> None:
     ids = {id(v) for v in variables}
     pending = global_state.get_global_attribute("uninitialized_variables") or []
     global_state.set_global_attribute("uninitialized_variables", [v for v in pending if id(v) not in ids])
+
+
+def defer_value(variable, compute) -> None:
+    """Makes a variable still uninitialized under `deferred_variables` read as ``compute()`` without
+    storing it: Keras reads an uninitialized variable through its initializer."""
+    variable._initializer = lambda shape=None, dtype=None: compute()
+
+
+def is_initialized(variable) -> bool:
+    """Whether a Keras variable holds a value (False while deferred)."""
+    return getattr(variable, "_value", None) is not None

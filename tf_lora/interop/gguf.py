@@ -11,9 +11,11 @@ every backbone variable got one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Dict, Optional, Union
 
+import keras
 import numpy as np
 
 from tf_lora import _compat
@@ -79,32 +81,56 @@ def _targets(arch: gguf_archs.Arch, hp: Dict[str, Any], names) -> Dict[str, tupl
     return out
 
 
-def _fill(backbone, file: GGUFFile, arch: gguf_archs.Arch, hp: Dict[str, Any]) -> None:
-    """Gives every backbone variable (created uninitialized) its value from the file, one tensor at a time."""
+class _Reader:
+    """Reads a GGUF tensor as the value of its KerasHub variable; keeps the last one (a deferred kernel is
+    read twice in a row when it is quantized)."""
+
+    def __init__(self, file: GGUFFile, arch: gguf_archs.Arch, hp: Dict[str, Any]):
+        self.file, self.arch, self.hp, self.last = file, arch, hp, (None, None)
+
+    def __call__(self, name: str, layout: str, stem: str, variable) -> Any:
+        if self.last[0] == (name, variable.path):
+            return self.last[1]
+        arch, hp = self.arch, self.hp
+        w = self.file.read(name.split("#")[0])
+        if arch.permute_qk and stem == "attn_q.weight":
+            w = _unpermute(w, hp["heads"])
+        elif arch.permute_qk and stem == "attn_k.weight":
+            w = _unpermute(w, hp["kv_heads"])
+        if stem.endswith("norm.weight"):
+            w = w + np.float32(arch.norm_offset)
+        value = keras.ops.cast(_to_keras(w, layout, tuple(variable.shape)), variable.dtype)
+        self.last = ((name, variable.path), value)
+        return value
+
+
+def _fill(backbone, file: GGUFFile, arch: gguf_archs.Arch, hp: Dict[str, Any], defer: bool = False):
+    """Gives every backbone variable (created uninitialized) its value from the file, one tensor at a time.
+
+    With `defer`, the projection kernels stay uninitialized and read their value from the file when
+    read (`_compat.defer_value`), so QLoRA can quantize them one at a time without a float copy of the
+    model; returns ``[(variable, value function)]`` of those, for the ones adapt does not replace.
+    """
     variables = {v.path: v for v in backbone.weights}
     targets = _targets(arch, hp, file.tensors)
     if "token_embedding/reverse_embeddings" in variables and "output.weight" not in file.tensors:
         targets["token_embd.weight#head"] = ("token_embedding/reverse_embeddings", "T", "output.weight")
-    written = set()
-    try:
-        for name, (path, layout, stem) in targets.items():
-            if path not in variables:
-                raise RuntimeError(f"{type(backbone).__name__} has no variable '{path}' for GGUF tensor '{name}'.")
-            variable = variables[path]
-            w = file.read(name.split("#")[0])
-            if arch.permute_qk and stem == "attn_q.weight":
-                w = _unpermute(w, hp["heads"])
-            elif arch.permute_qk and stem == "attn_k.weight":
-                w = _unpermute(w, hp["kv_heads"])
-            if stem.endswith("norm.weight"):
-                w = w + np.float32(arch.norm_offset)
-            _compat.initialize_variable(variable, _to_keras(w, layout, tuple(variable.shape)))
-            written.add(path)
-    finally:
-        _compat.forget_deferred(backbone.weights)
+    reader, deferred, written = _Reader(file, arch, hp), [], set()
+    for name, (path, layout, stem) in targets.items():
+        if path not in variables:
+            raise RuntimeError(f"{type(backbone).__name__} has no variable '{path}' for GGUF tensor '{name}'.")
+        variable = variables[path]
+        value = functools.partial(reader, name, layout, stem, variable)
+        if defer and layout == "T" and stem.startswith(("attn_", "ffn_")):
+            _compat.defer_value(variable, value)
+            deferred.append((variable, value))
+        else:
+            _compat.initialize_variable(variable, value())
+        written.add(path)
     unwritten = sorted(set(variables) - written)
     if unwritten:  # never hand back a model with uninitialized or random weights
         raise RuntimeError(f"GGUF file '{file.path}' left {type(backbone).__name__} variables unset: {unwritten[:5]}.")
+    return deferred
 
 
 def _check_options(path, dtype, quantization, lora, sequence_length):
@@ -150,10 +176,11 @@ def load_gguf(path: Union[str, os.PathLike], *, dtype: Optional[Any] = None, qua
         path: The ``.gguf`` file.
         dtype: The backbone's dtype or dtype policy (``"bfloat16"``, ``"mixed_bfloat16"``); `None`
             uses Keras' default (float32).
-        quantization: A `tf_lora.QLoRAConfig`: after loading, put QLoRA adapters on every linear
-            layer (`lora`, or ``LoRAConfig(target_modules="all-linear")``) with NF4 base weights,
-            quantized layer by layer in place.
-        lora: A `tf_lora.LoRAConfig` to adapt the loaded model with, in place.
+        quantization: A `tf_lora.QLoRAConfig`: put QLoRA adapters with NF4 base weights on the
+            layers `lora` targets (every linear layer by default), in place. The float model is
+            never held: each projection kernel is read from the file while it is quantized.
+        lora: A `tf_lora.LoRAConfig` to adapt the loaded model with, in place (its
+            `quantization`, or `quantization` above, makes it QLoRA).
         sequence_length: The preprocessor's sequence length for `fit` / `generate`.
 
     Returns:
@@ -194,18 +221,31 @@ def load_gguf(path: Union[str, os.PathLike], *, dtype: Optional[Any] = None, qua
 
     with _compat.deferred_variables():  # no random initialization: each variable gets the file's value
         backbone = getattr(keras_hub.models, arch.backbone)(**arch.config(hp), dtype=dtype)
-    _fill(backbone, file, arch, hp)
+    created = list(backbone.weights)
+    try:
+        deferred = _fill(backbone, file, arch, hp, defer=quantization is not None
+                         or (lora is not None and lora.quantization is not None))
+        lm = _task(keras_hub, arch, backbone, tokenizer, sequence_length)
+        if quantization is not None or lora is not None:
+            from tf_lora.adapt import adapt
+            from tf_lora.config import LoRAConfig
+
+            config = lora if lora is not None else LoRAConfig(target_modules="all-linear")
+            if quantization is not None:
+                config = dataclasses.replace(config, quantization=quantization)
+            lm = adapt(lm, config, inplace=True)  # reads each deferred kernel as it quantizes it
+        kept = {id(v) for v in lm.weights}
+        for variable, value in deferred:  # kernels adapt left in place get their value now
+            if id(variable) in kept and not _compat.is_initialized(variable):
+                _compat.initialize_variable(variable, value())
+    finally:
+        _compat.forget_deferred(created)
+    return lm
+
+
+def _task(keras_hub, arch, backbone, tokenizer, sequence_length):
     preprocessor = getattr(keras_hub.models, arch.preprocessor)(
         tokenizer=tokenizer, sequence_length=sequence_length, add_start_token=tokenizer.add_bos,
         add_end_token=tokenizer.eos_token is not None)
     preprocessor.chat_template = tokenizer.chat_template
-    lm = getattr(keras_hub.models, arch.task)(backbone=backbone, preprocessor=preprocessor)
-    if quantization is not None or lora is not None:
-        from tf_lora.adapt import adapt
-        from tf_lora.config import LoRAConfig
-
-        config = lora if lora is not None else LoRAConfig(target_modules="all-linear")
-        if quantization is not None:
-            config = dataclasses.replace(config, quantization=quantization)
-        lm = adapt(lm, config, inplace=True)
-    return lm
+    return getattr(keras_hub.models, arch.task)(backbone=backbone, preprocessor=preprocessor)
