@@ -9,6 +9,10 @@ in-place `adapt` leave behind.
 """
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import hub_models
 import keras
@@ -296,3 +300,229 @@ def test_a_loaded_adapted_model_keeps_its_variable_paths(tmp_path):
     assert len(set(_paths(loaded))) == len(_paths(loaded))
     loaded.compile(optimizer="adam", loss="mse")
     loaded.get_state_tree()
+
+
+# ------------------------------------------------------------------ in place without a second copy
+# adapt(inplace=True) with float adapters adopts each target's base variables (kernel or table,
+# bias) instead of copying them, so the journal that undoes a failure holds no second copy.
+def _base_names(layer):
+    return [n for n in ("kernel", "bias", "embeddings", "reverse_embeddings")
+            if isinstance(getattr(layer, n, None), keras.Variable)]
+
+
+def _one_layer_model(kind):
+    """A model around one target layer named 'target' (with a kernel regularizer and constraint
+    where the layer takes them), its input batch, and the target."""
+    reg, con = keras.regularizers.L2(0.01), keras.constraints.MaxNorm(3.0)
+    rng = np.random.default_rng(3)
+    if kind in ("embedding", "reversible_untied"):
+        inputs = keras.Input((5,), dtype="int32")
+        if kind == "embedding":
+            layer = keras.layers.Embedding(12, 6, embeddings_regularizer=reg, embeddings_constraint=con, name="target")
+        else:
+            layer = keras.layers.ReversibleEmbedding(12, 6, tie_weights=False, name="target")
+        hidden = layer(inputs)
+        outputs = layer(hidden, reverse=True) if kind == "reversible_untied" else hidden
+        x = rng.integers(0, 12, (3, 5)).astype("int32")
+    elif kind == "conv":
+        inputs = keras.Input((7, 7, 3))
+        layer = keras.layers.Conv2D(4, 3, kernel_regularizer=reg, kernel_constraint=con, name="target")
+        outputs, x = layer(inputs), rng.standard_normal((2, 7, 7, 3)).astype("float32")
+    elif kind == "einsum":
+        inputs = keras.Input((5, 8))
+        layer = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 3), bias_axes="de", kernel_regularizer=reg,
+                                         name="target")
+        outputs, x = layer(inputs), rng.standard_normal((2, 5, 8)).astype("float32")
+    else:
+        inputs = keras.Input((8,))
+        layer = keras.layers.Dense(6, kernel_regularizer=reg, kernel_constraint=con, name="target")
+        outputs, x = layer(inputs), rng.standard_normal((4, 8)).astype("float32")
+    return keras.Model(inputs, outputs), x, layer
+
+
+def _settings(variables):
+    return [(v.trainable, v.regularizer, v.constraint) for v in variables]
+
+
+KINDS = ["dense", "einsum", "conv", "embedding", "reversible_untied"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inplace_float_adapter_adopts_the_base_variables(kind):
+    model, x, layer = _one_layer_model(kind)
+    names = _base_names(layer)
+    originals = {n: getattr(layer, n) for n in names}
+    paths, before = sorted(v.path for v in model.weights), _np(model(x))
+    losses = [float(_np(t)) for t in model.losses]
+    assert len(losses) == (0 if kind == "reversible_untied" else 1)
+    adapted = tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, target_modules=("target",)), inplace=True, verbose=0)
+    new = adapted.get_layer("target")
+    assert isinstance(new, tf_lora.layers.base.LoRALayer)
+    for n in names:  # the very variables, frozen, at their paths; nothing copied
+        assert getattr(new, n) is originals[n], n
+        assert not originals[n].trainable and originals[n].regularizer is None, n
+    assert sorted(v.path for v in adapted.weights if not v.name.startswith("lora_")) == paths
+    assert len({id(v) for v in adapted.weights}) == len(adapted.weights)
+    assert sorted(v.name for v in adapted.trainable_variables) == ["lora_a", "lora_b"]
+    np.testing.assert_allclose(_np(adapted(x)), before, rtol=1e-6, atol=1e-6)
+    # the base weights' regularizers are counted once (by the adapter), as in the base model
+    np.testing.assert_allclose([float(_np(t)) for t in adapted.losses], losses, rtol=1e-6)
+    # trains only the adapter; the adopted base stays as it was
+    kept = {n: _np(v).copy() for n, v in originals.items()}
+    adapted.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    _set_lora_b(adapted)
+    adapted.fit(x, np.ones_like(_np(adapted(x))), verbose=0)
+    for n, v in originals.items():
+        np.testing.assert_array_equal(_np(v), kept[n])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inplace_failure_gives_adopted_variables_back(kind, monkeypatch):
+    """A failure after the replacement restores the layer and its variables' own settings
+    (trainable, regularizer, constraint): bit-identical outputs, same objects."""
+    model, x, layer = _one_layer_model(kind)
+    originals = {n: getattr(layer, n) for n in _base_names(layer)}
+    own = list(layer.weights)
+    settings, before, losses = _settings(own), _np(model(x)), [_np(t) for t in model.losses]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated check failure")
+
+    monkeypatch.setattr(surgery, "verify_adapted", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, target_modules=("target",)), inplace=True, verbose=0)
+    restored = model.get_layer("target")
+    assert restored is layer and not isinstance(layer, tf_lora.layers.base.LoRALayer)
+    assert all(getattr(layer, n) is v for n, v in originals.items())
+    assert [id(v) for v in layer.weights] == [id(v) for v in own] and _settings(own) == settings
+    assert all(v.trainable for v in own)
+    assert np.array_equal(_np(model(x)), before)
+    assert [np.array_equal(_np(t), e) for t, e in zip(model.losses, losses)] == [True] * len(losses)
+
+
+def test_adapter_build_failing_after_adopting_gives_the_variables_back(monkeypatch):
+    """The second target's adapter fails after it has adopted (and frozen) its kernel and bias."""
+    model = _two_branch_model()
+    before, kernels = _outputs(model), [model.get_layer(n).kernel for n in ("query", "value")]
+    real = tf_lora.LoRADense._init_from_source
+
+    def failing(self, kernel, loftq_iter=1):
+        if self.name == "value":
+            assert self.kernel is kernels[1] and not kernels[1].trainable  # adopted, then the failure
+            raise MemoryError("simulated")
+        return real(self, kernel, loftq_iter)
+
+    monkeypatch.setattr(tf_lora.LoRADense, "_init_from_source", failing)
+    with pytest.raises(MemoryError, match="simulated"):
+        tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, target_modules=("query", "value")), inplace=True, verbose=0)
+    _assert_unchanged(model, before, kernels)
+    assert [v.trainable for v in model.weights] == [True] * 4
+
+
+def test_copy_never_adopts_and_merging_it_leaves_the_original():
+    model, x, layer = _one_layer_model("dense")
+    kernel, before = layer.kernel, _np(layer.kernel).copy()
+    adapted = tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, target_modules=("target",)), verbose=0)
+    new = adapted.get_layer("target")
+    assert new.kernel is not kernel and new.bias is not layer.bias
+    assert kernel.trainable and kernel.regularizer is not None
+    _set_lora_b(adapted)
+    new.merge()  # an in-layer merge changes the copy's kernel only
+    assert not np.array_equal(_np(new.kernel), before)
+    np.testing.assert_array_equal(_np(kernel), before)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inplace_base_rewriting_init_copies_and_restores_exactly(init, monkeypatch):
+    """PiSSA/OLoRA overwrite the base with a residual: they get copies (the originals are kept
+    until adapt returns), and a failure gives back the original values bit for bit."""
+    model = _two_branch_model()
+    before, kernels = _outputs(model), [model.get_layer(n).kernel for n in ("query", "value")]
+    values = [_np(k).copy() for k in kernels]
+    config = tf_lora.LoRAConfig(rank=2, init=init, target_modules=("query", "value"))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated check failure")
+
+    monkeypatch.setattr(surgery, "verify_adapted", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        tf_lora.adapt(model, config, inplace=True, verbose=0)
+    _assert_unchanged(model, before, kernels)
+    for k, v in zip(kernels, values):
+        np.testing.assert_array_equal(_np(k), v)
+    monkeypatch.undo()
+    adapted = tf_lora.adapt(model, config, inplace=True, verbose=0)
+    residual = adapted.get_layer("query").kernel
+    assert residual is not kernels[0] and not np.array_equal(_np(residual), values[0])
+
+
+def test_a_variable_that_does_not_fit_is_copied():
+    """A kernel the adapter's own could not stand for (here: overwrite_with_gradient) is copied;
+    the bias is still adopted."""
+    model = _two_branch_model()
+    layer = model.get_layer("query")
+    layer.kernel.overwrite_with_gradient = True
+    kernel, bias, before = layer.kernel, layer.bias, _outputs(model)
+    adapted = tf_lora.adapt(model, tf_lora.LoRAConfig(rank=2, target_modules=("query",)), inplace=True, verbose=0)
+    new = adapted.get_layer("query")
+    assert new.kernel is not kernel and not new.kernel.overwrite_with_gradient and new.bias is bias
+    np.testing.assert_array_equal(_np(new.kernel), _np(kernel))
+    np.testing.assert_allclose(_outputs(adapted)[0], before[0], rtol=1e-6, atol=1e-6)
+
+
+# Peak memory of an in-place float LoRA adapt, measured in a fresh process (as in
+# tests/test_adapt_memory.py): 12 Dense layers (1024 <-> 4096) hold F = 192 MiB of kernels.
+MEMORY_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import bench_adapt_memory as bench  # puts this checkout's tf_lora first on sys.path
+import keras, numpy as np, tensorflow as tf
+import tf_lora
+
+keras.utils.set_random_seed(0)
+inputs = keras.Input((1024,))
+x = inputs
+for i in range(6):
+    x = keras.layers.Dense(4096, name=f"up_{i}")(x)
+    x = keras.layers.Dense(1024, name=f"down_{i}")(x)
+model = keras.Model(inputs, x)
+kernels = [l.kernel for l in model.layers if isinstance(l, keras.layers.Dense)]
+f_bytes = sum(int(np.prod(k.shape)) * 4 for k in kernels)
+bench.settle()
+alloc_before = bench._allocator_current()
+if alloc_before is not None:
+    tf.config.experimental.reset_memory_stats("CPU:0")
+rss_before = bench.current_rss()
+with bench.PeakRSS() as peak:
+    adapted = tf_lora.adapt(model, tf_lora.LoRAConfig(rank=8, target_modules="all-linear"), inplace=True, verbose=0)
+alloc_peak = None if alloc_before is None else tf.config.experimental.get_memory_info("CPU:0")["peak"] - alloc_before
+layers = [l for l in adapted.layers if isinstance(l, tf_lora.LoRADense)]
+print("RESULT " + json.dumps(dict(
+    tf_lora=tf_lora.__file__, f_bytes=f_bytes, layers=len(layers), peak_method=peak.method,
+    peak_increase=peak.peak - rss_before, allocator_peak_increase=alloc_peak,
+    adopted=sum(l.kernel is k for l, k in zip(layers, kernels)))), flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")
+@pytest.mark.parametrize("bfc", ["false", "true"], ids=["default_allocator", "bfc_allocator"])
+def test_inplace_float_adapt_peak_memory_stays_below_a_copy_of_the_kernels(bfc):
+    """Peak RSS increase during adapt(inplace=True) of float LoRA on 'all-linear' < 0.5 x F (and,
+    with TensorFlow's BFC allocator, its peak of live bytes too); before adoption the journal kept
+    every replaced kernel beside its adapter's copy (~1 x F). No time is asserted."""
+    benchmarks = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CPU_ALLOCATOR_USE_BFC=bfc)
+    proc = subprocess.run([sys.executable, "-c", MEMORY_WORKER, benchmarks], capture_output=True, text=True,
+                          env=env, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"worker exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    r = json.loads(lines[0].split(" ", 1)[1])
+    assert os.path.samefile(os.path.dirname(r["tf_lora"]), os.path.dirname(tf_lora.__file__))
+    f = r["f_bytes"]
+    assert r["layers"] == 12 and f == 192 * 2**20
+    alloc = r["allocator_peak_increase"]  # TensorFlow's count of live bytes, where its allocator keeps one
+    summary = (f"F={f / 2**20:.0f} MiB, peak RSS +{r['peak_increase'] / f:.3f} x F ({r['peak_method']}), "
+               f"allocator peak +{'n/a' if alloc is None else f'{alloc / f:.3f}'} x F, adopted {r['adopted']}/12")
+    print(summary)
+    assert r["peak_increase"] < 0.5 * f, summary
+    assert (alloc is not None or bfc == "false") and (alloc is None or alloc < 0.5 * f), summary

@@ -111,6 +111,28 @@ def untrack_variable(layer, variable) -> None:
     layer._untrack_variable(variable)
 
 
+def adopt_variable(layer, variable, *, shape, dtype, trainable=True, autocast=True, regularizer=None,
+                   constraint=None) -> bool:
+    """Makes `variable` (another layer's) one of `layer`'s own weights, as if
+    ``layer.add_weight(shape=, dtype=, trainable=, autocast=, regularizer=, constraint=)``
+    had created it, but without a new variable: the same object keeps its value, memory
+    and path. Its `trainable`, `regularizer` and `constraint` are set to those arguments
+    (the caller records the old ones to undo it) and `layer` tracks it (`_track_variable`,
+    during `build`). Returns False, changing nothing, when it cannot stand for that weight:
+    not a Keras variable, another shape, dtype or autocast, or `overwrite_with_gradient` set.
+    """
+    if (not isinstance(variable, keras.Variable) or tuple(variable.shape) != tuple(shape)
+            or keras.backend.standardize_dtype(variable.dtype) != keras.backend.standardize_dtype(dtype)
+            or bool(getattr(variable, "_autocast", True)) != bool(autocast)
+            or getattr(variable, "overwrite_with_gradient", False)):
+        return False
+    variable.trainable = trainable
+    variable.regularizer = keras.regularizers.get(regularizer)
+    variable.constraint = keras.constraints.get(constraint)
+    layer._track_variable(variable)
+    return True
+
+
 def model_io(model):
     """A Functional model's inputs and outputs with their nested (dict) structure."""
     inputs = getattr(model, "_inputs_struct", None)

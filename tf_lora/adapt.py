@@ -6,7 +6,8 @@ model is copied first (`surgery.copy_model`: object by object, sharing the
 targets' variables, verified on a probe batch) and the copy is adapted; with
 ``inplace=True`` the model itself is. Each target is replaced where it stands
 (`_compat.become`), one at a time, so QLoRA quantizes layer by layer and frees
-each float kernel as it goes.
+each float kernel as it goes, and a float adapter adopts its target's base
+variables instead of copying them (`_Journal`).
 """
 
 from __future__ import annotations
@@ -412,14 +413,20 @@ def adapt(model: keras.Model, config: Optional[LoRAConfig] = None, *, inplace: b
             itself is adapted and returned, layer by layer. Everything that can be
             checked is checked before the first layer changes (including a rank
             that an ``init="pissa"``/``"olora"`` cannot split a kernel into, and
-            NaN/Inf in a kernel to quantize or decompose). With quantization it
-            never holds a second copy of its weights: QLoRA frees each float
-            kernel as it quantizes it (the freed memory goes back to the OS), so
-            an unforeseen failure half-way cannot be undone (the error says which
-            layers were replaced). Without quantization the replaced layers'
-            originals are kept until the call returns (meanwhile up to one extra
-            copy of the targeted kernels), so any failure restores the model
-            exactly. On success its traced functions and optimizer state are dropped.
+            NaN/Inf in a kernel to quantize or decompose). It holds no second
+            copy of its weights (one exception below). Without quantization each
+            adapter adopts its layer's kernel (or table) and bias variables
+            themselves, frozen (the same objects, values and paths), and the replaced
+            layers are kept until the call returns, so any failure restores the
+            model exactly (same layers, variables and their trainable flags,
+            outputs, optimizer). Exception: ``init="pissa"``/``"olora"`` rewrite
+            the base, so their adapters copy it and the originals are kept until
+            the call returns (meanwhile up to one extra copy of the targeted
+            kernels). With quantization QLoRA frees each float kernel as it
+            quantizes it (the freed memory goes back to the OS), so an
+            unforeseen failure half-way cannot be undone (the error says which
+            layers were replaced). On success its traced functions and
+            optimizer state are dropped.
         verbose: 1 shows a progress bar over the adapted layers, 0 none;
             default: 1 in an interactive terminal or notebook.
 

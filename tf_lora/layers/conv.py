@@ -158,7 +158,8 @@ class LoRAConv(LoRALayer):
     def from_layer(cls, layer, rank: int = 8, alpha: float = 32.0, dropout: float = 0.0,
                    use_rslora: bool = False, lora_init: str = "he_uniform", **kwargs) -> "LoRAConv":
         """A built adapter carrying `layer`'s name, dtype policy, weights, regularizers and
-        constraints (`kwargs` may override them). `layer` is not modified.
+        constraints (`kwargs` may override them). `layer` is not modified, except inside
+        `adopting_base_weights(layer)`, where its kernel and bias variables are adopted (frozen).
 
         Raises:
             NotImplementedError: ``layer.groups > 1``.
@@ -173,7 +174,8 @@ class LoRAConv(LoRALayer):
             rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_init=lora_init,
             name=layer.name, dtype=layer.dtype_policy, **cls._weight_options_of(layer, kwargs),
         )
-        new.build(cls.source_input_shape(layer))
+        with new._adopting(layer):  # in place: `layer`'s own kernel and bias (adopting_base_weights)
+            new.build(cls.source_input_shape(layer))
         new._copy_base_weights(layer)
         return new
 
@@ -200,9 +202,9 @@ class LoRAConv(LoRALayer):
         return (None, self.in_channels, *spatial)
 
     def _copy_base_weights(self, layer) -> None:
-        self.kernel.assign(ops.convert_to_numpy(layer.kernel))
+        self._copy_weight(self.kernel, layer.kernel)
         if self.use_bias:
-            self.bias.assign(ops.convert_to_numpy(layer.bias))
+            self._copy_weight(self.bias, layer.bias)
 
     def to_base_layer(self):
         """A plain built Keras conv layer with the merged kernel, regularizers and constraints."""

@@ -165,7 +165,8 @@ class LoRAEmbedding(LoRALayer):
                    dropout: float = 0.0, use_rslora: bool = False, lora_init: str = "he_uniform",
                    **kwargs) -> "LoRAEmbedding":
         """A built adapter carrying `layer`'s name, dtype policy, table, regularizer and
-        constraint (`kwargs` may override them). `layer` is not modified."""
+        constraint (`kwargs` may override them). `layer` is not modified, except inside
+        `adopting_base_weights(layer)`, where its table variables are adopted (frozen)."""
         source = cls._source_type()
         cls._check_source(layer, source, source.__name__)
         options = {"kernel_regularizer": layer.embeddings_regularizer,
@@ -175,7 +176,8 @@ class LoRAEmbedding(LoRALayer):
             **cls._source_kwargs(layer), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
             lora_init=lora_init, name=layer.name, dtype=layer.dtype_policy, **options,
         )
-        new.build(None)
+        with new._adopting(layer):  # in place: `layer`'s own table(s) (adopting_base_weights)
+            new.build(None)
         new._copy_base_weights(layer)
         return new
 
@@ -184,7 +186,7 @@ class LoRAEmbedding(LoRALayer):
         return (None,)
 
     def _copy_base_weights(self, layer) -> None:
-        self.embeddings.assign(ops.convert_to_numpy(layer.embeddings))
+        self._copy_weight(self.embeddings, layer.embeddings)
 
     def _base_layer_kwargs(self) -> dict:
         return dict(
@@ -334,7 +336,7 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
     def _copy_base_weights(self, layer) -> None:
         super()._copy_base_weights(layer)
         if not self.tie_weights:
-            self.reverse_embeddings.assign(ops.convert_to_numpy(layer.reverse_embeddings))
+            self._copy_weight(self.reverse_embeddings, layer.reverse_embeddings)
 
     def to_base_layer(self):
         """A plain built layer of the adapted class with the merged table (and the

@@ -110,7 +110,9 @@ class LoRADense(LoRALayer):
         """A built `LoRADense` carrying `layer`'s name, dtype policy, weights,
         regularizers and constraints (`kwargs` may override them).
 
-        `layer` itself is not modified.
+        `layer` itself is not modified, except inside `adopting_base_weights(layer)`
+        (in-place `adapt`), where the adapter adopts `layer`'s kernel and bias variables
+        (frozen) instead of copying them.
         """
         cls._check_source(layer, keras.layers.Dense, "Dense")
         loftq_iter = kwargs.pop("loftq_iter", 1)
@@ -119,7 +121,8 @@ class LoRADense(LoRALayer):
             rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_init=lora_init,
             name=layer.name, dtype=layer.dtype_policy, **cls._weight_options_of(layer, kwargs),
         )
-        new.build(cls.source_input_shape(layer))
+        with new._adopting(layer):  # in place: `layer`'s own kernel and bias (adopting_base_weights)
+            new.build(cls.source_input_shape(layer))
         new._copy_base_weights(layer)
         new._init_from_source(layer.kernel, loftq_iter)
         return new
@@ -129,9 +132,9 @@ class LoRADense(LoRALayer):
         return (None, int(layer.kernel.shape[0]))
 
     def _copy_base_weights(self, layer) -> None:
-        self.kernel.assign(ops.convert_to_numpy(layer.kernel))
+        self._copy_weight(self.kernel, layer.kernel)
         if self.use_bias:
-            self.bias.assign(ops.convert_to_numpy(layer.bias))
+            self._copy_weight(self.bias, layer.bias)
 
     def to_base_layer(self) -> keras.layers.Dense:
         """A plain built `keras.layers.Dense` with the merged kernel, regularizers and constraints."""
@@ -320,15 +323,16 @@ class LoRAEinsumDense(LoRALayer):
             rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, lora_init=lora_init,
             name=layer.name, dtype=layer.dtype_policy, **cls._weight_options_of(layer, kwargs),
         )
-        new.build(cls._input_shape_of(layer))
+        with new._adopting(layer):  # in place: `layer`'s own kernel and bias (adopting_base_weights)
+            new.build(cls._input_shape_of(layer))
         new._copy_base_weights(layer)
         new._init_from_source(layer.kernel, loftq_iter)
         return new
 
     def _copy_base_weights(self, layer) -> None:
-        self.kernel.assign(ops.convert_to_numpy(layer.kernel))
+        self._copy_weight(self.kernel, layer.kernel)
         if self.bias is not None:
-            self.bias.assign(ops.convert_to_numpy(layer.bias))
+            self._copy_weight(self.bias, layer.bias)
 
     def to_base_layer(self) -> keras.layers.EinsumDense:
         """A plain built `keras.layers.EinsumDense` with the merged kernel, regularizers and constraints."""
