@@ -246,3 +246,14 @@ def test_peft_export_and_import_refuse_an_added_adapter_on_a_rewritten_base(tmp_
     assert not (tmp_path / "b").exists()
     with pytest.raises(NotImplementedError, match="rewrote"):
         tf_lora.load_adapter(model, str(tmp_path / "plain"), adapter_name="b")
+
+
+def test_layer_level_dora_adapter_on_a_merged_layer_is_refused():
+    """The layer API guards it too (LoRALayer.add_adapter), not only tf_lora.add_adapter."""
+    model = tf_lora.adapt(mha_classifier(), tf_lora.LoRAConfig(rank=2, dropout=0.0, target_modules=("query",)))
+    _randomize(model, scale=0.3)
+    (_, layer), = model.adapter_layers()
+    layer.merge()
+    with pytest.raises(ValueError, match="use_dora=True.*merged.*unmerge"):
+        layer.add_adapter("d", rank=2, use_dora=True)
+    assert layer.adapter_names == ["default"]

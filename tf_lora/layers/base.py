@@ -325,6 +325,9 @@ class LoRALayer(keras.layers.Layer):
                 "base, which all adapters of a layer share; use it in tf_lora.adapt)", lora_init))
         if use_dora and not self.supports_dora:
             raise NotImplementedError(_invalid("use_dora", f"False: {type(self).__name__} has no DoRA", use_dora))
+        if use_dora and self.merged:  # the magnitude would be the norm of the merged kernel, not the base's
+            raise ValueError(f"Received use_dora=True for layer '{self.name}', which is merged: a DoRA magnitude "
+                             "starts at the norm of the base kernel. Call unmerge() first.")
         self._extra_specs[name] = spec
         if self.built:
             with _compat.unlocked(self), _compat.own_scope(self):  # paths '<layer path>/lora_a_<name>'
