@@ -193,6 +193,31 @@ def test_every_model_format_loads_the_same_model(files):
         np.testing.assert_allclose(_logits(models[k]), _logits(models["hf"]), atol=1e-6)
 
 
+def test_gguf_file_trains_and_generates(files, tmp_path, capsys):
+    from test_gguf import CHAT, write_gguf  # skips without the gguf package
+
+    path = write_gguf(tmp_path / "m.gguf", hidden=32, ffn=64, layers=2)
+    assert common.model_format(path) == "gguf"
+    out = str(tmp_path / "run")
+    # Each command as in a fresh process: tf_lora's adapter file is keyed by layer paths, which start with
+    # the backbone's name, and Keras names a second Llama3Backbone in one process llama3_backbone_1.
+    keras.backend.clear_session()
+    assert cli.main(["train", "--model", path, "--data", files["text"], "--sequence-length", "16", "--out", out]) == 0
+    assert {"adapter.safetensors", "peft"} <= set(os.listdir(out))  # a Llama3CausalLM: PEFT has its name map
+    capsys.readouterr()
+    keras.backend.clear_session()
+    assert cli.main(["generate", "--model", path, "--adapter", out, "--prompt", "the cat", "--chat",
+                     "--max-length", "16"]) == 0
+    answer = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
+    lm = common.apply_adapter(tf_lora.load_gguf(path), ("peft", os.path.join(out, "peft")))
+    adapter = tf_lora.data.TokenizerAdapter(lm)
+    prompt = tf_lora.data.ChatTemplate(CHAT, bos_token=adapter.bos_token, eos_token=adapter.eos_token).render(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True)
+    ids = adapter.encode_segments([[(prompt, False)]])[0][0]
+    expected = _greedy(lm, ids, {adapter.eos_id}, 16)
+    assert answer == expected and len(expected) > 0
+
+
 def test_train_writes_tf_lora_format_only_where_peft_has_no_name_map(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # and without matplotlib: no PNG, a note
     out = os.path.join(files["root"], "gpt2-run")

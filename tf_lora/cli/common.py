@@ -174,7 +174,7 @@ def chat_template(lm, model_path: str, template_path: Optional[str]) -> Optional
                 return read_chat_template(template_path)
             with open(template_path, encoding="utf-8") as f:
                 return f.read()
-    carried = template_of(lm)
+    carried = template_of(getattr(lm, "preprocessor", None)) or template_of(lm)
     if carried is None and os.path.isdir(model_path):
         with contextlib.suppress(ValueError, FileNotFoundError):
             carried = read_chat_template(model_path)
