@@ -257,3 +257,23 @@ def test_layer_level_dora_adapter_on_a_merged_layer_is_refused():
     with pytest.raises(ValueError, match="use_dora=True.*merged.*unmerge"):
         layer.add_adapter("d", rank=2, use_dora=True)
     assert layer.adapter_names == ["default"]
+
+
+def test_adapter_file_loads_on_a_model_whose_backbone_got_another_automatic_name(tmp_path):
+    """A process that builds a second model of a class names its backbone ``qwen_backbone_1``; the
+    file of a model whose backbone was ``qwen_backbone`` must still load (and give the same outputs)."""
+    import hub_models
+
+    config = tf_lora.LoRAConfig(rank=2, dropout=0.0, target_modules=("query", "value"))
+    first = tf_lora.adapt(hub_models.qwen(), config)
+    _randomize(first, scale=0.3)
+    path = str(tmp_path / "a.adapter")
+    tf_lora.save_adapter(first, path)
+    second = tf_lora.adapt(hub_models.qwen(), config)
+    assert first.backbone.name != second.backbone.name
+    for src, dst in zip(first.backbone.weights, second.backbone.weights):
+        if "lora_" not in src.path:
+            dst.assign(src)
+    tf_lora.load_adapter(second, path)
+    x = hub_models.inputs(first, batch=2)
+    np.testing.assert_allclose(np.asarray(second(x)), np.asarray(first(x)), rtol=1e-6, atol=1e-6)

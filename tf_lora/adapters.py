@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
 import tempfile
 from typing import Dict, List, Optional, Tuple
@@ -422,6 +423,7 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
     if merged:
         raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
     config = _file_config(metadata, path)
+    tensors = _align_top_names(tensors, state)
     missing = sorted(set(state) - set(tensors))
     extra = sorted(set(tensors) - set(state))
     # Other layers than the model's: another architecture (or target_modules), said first.
@@ -453,6 +455,31 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         )
     for k, v in state.items():
         v.assign(tensors[k].astype(v.dtype if isinstance(v.dtype, str) else np.float32))
+
+
+def _align_top_names(tensors: Dict[str, np.ndarray], state: Dict[str, object]) -> Dict[str, np.ndarray]:
+    """The file's keys with a top-level layer name renamed where it differs from the model's only by
+    Keras' automatic numbering (``qwen_backbone`` saved, ``qwen_backbone_1`` here because the process
+    had built a model of that class before). Only a name that is unique on both sides with that stem
+    is renamed; everything else (and the shapes and hyper-parameters) is checked as before."""
+    if set(tensors) == set(state):
+        return tensors
+
+    def top(keys):
+        return {k.split("/", 1)[0] for k in keys if "/" in k}
+
+    def stems(names):
+        out: Dict[str, List[str]] = {}
+        for n in names:
+            out.setdefault(re.sub(r"_\d+$", "", n), []).append(n)
+        return out
+
+    ours, theirs = stems(top(state) - top(tensors)), stems(top(tensors) - top(state))
+    rename = {t[0]: ours[s][0] for s, t in theirs.items() if len(t) == 1 and len(ours.get(s, ())) == 1}
+    if not rename:
+        return tensors
+    return {(rename[k.split("/", 1)[0]] + "/" + k.split("/", 1)[1] if k.split("/", 1)[0] in rename else k): v
+            for k, v in tensors.items()}
 
 
 def merge(model: keras.Model) -> keras.Model:
