@@ -591,3 +591,36 @@ def defer_value(variable, compute) -> None:
 def is_initialized(variable) -> bool:
     """Whether a Keras variable holds a value (False while deferred)."""
     return getattr(variable, "_value", None) is not None
+
+
+def wrap_generate_functions(scope) -> None:
+    """Makes every KerasHub `CausalLM`'s generate function run (and trace) inside ``scope()``.
+
+    KerasHub 0.32 builds ``self.generate_function`` (one batch: prefill, then the sampler's
+    loop) in `CausalLM.make_generate_function`; the patch wraps what it returns. Idempotent;
+    a no-op where KerasHub is absent or has no such method.
+    """
+    try:
+        from keras_hub.src.models.causal_lm import CausalLM
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(CausalLM, "make_generate_function", None)
+    if original is None or getattr(original, "_tf_lora_scope", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def make_generate_function(self):
+        function = original(self)
+        if getattr(function, "_tf_lora_scope", None) is not None:
+            return function
+
+        def generate_function(*args, **kwargs):
+            with scope():
+                return function(*args, **kwargs)
+
+        generate_function._tf_lora_scope = scope
+        self.generate_function = generate_function
+        return generate_function
+
+    make_generate_function._tf_lora_scope = scope
+    CausalLM.make_generate_function = make_generate_function

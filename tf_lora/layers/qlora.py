@@ -14,11 +14,19 @@ Dequantization in `call` unpacks two codes per gather from a 256 x 2 table of NF
 pairs and leaves the kernel in bitsandbytes' (out, ...) layout, which the matmul / einsum
 reads transposed, so a step costs one pass over the codes instead of a transpose. It
 computes the same float32 products as `nf4.dequantize_tensors` (equal values eagerly).
+
+Generation dequantizes once per call, not once per token: a KerasHub `CausalLM`'s generate
+function runs inside `dequantize_once()` (`_compat.wrap_generate_functions`), where each
+layer's dequantized kernel is made at its first use (the prefill) and reused by the decoding
+loop, which captures it as a loop invariant. The float kernels of all quantized layers exist
+for the duration of that call (4 bytes a parameter in float32), never at rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Any, List, Mapping, Tuple, Union
 
 import keras
@@ -26,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lora import nf4
+from tf_lora import _compat, nf4
 from tf_lora.config import QLoRAConfig
 from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, _invalid
 
@@ -44,6 +52,51 @@ def _as_quantization(quantization: Any) -> QLoRAConfig:
     if isinstance(quantization, Mapping):
         return QLoRAConfig.from_dict(quantization)
     raise TypeError(_invalid("quantization", "a tf_lora.QLoRAConfig, its to_dict() or None", quantization))
+
+
+class _Generation(threading.local):
+    kernels = None  # {(id(layer), dtype, graph): tensor} inside `dequantize_once()`
+
+
+_GENERATION = _Generation()
+
+
+@contextlib.contextmanager
+def dequantize_once():
+    """Within this context each QLoRA layer dequantizes its kernel once per graph (or once
+    eagerly) and reuses it: for inference loops such as generation, at the cost of holding the
+    float kernels until the context exits. Not for training: a train step would then keep every
+    layer's float kernel alive from the forward to the backward pass.
+    """
+    if _GENERATION.kernels is not None:  # nested: the outer context owns the cache
+        yield
+        return
+    _GENERATION.kernels = {}
+    try:
+        yield
+    finally:
+        _GENERATION.kernels = None
+
+
+def _reused(layer, dtype: str, compute):
+    """``compute()``, or the tensor it gave in this or an enclosing graph inside `dequantize_once()`."""
+    kernels = _GENERATION.kernels
+    if kernels is None:
+        return compute()
+    if tf.executing_eagerly():
+        graph = graphs = None
+    else:
+        graph = tf.compat.v1.get_default_graph()
+        graphs, g = [], graph
+        while g is not None:  # a loop or branch body reads tensors of the graphs around it
+            graphs.append(g)
+            g = getattr(g, "outer_graph", None)
+    for g in graphs or [None]:
+        cached = kernels.get((id(layer), dtype, g))
+        if cached is not None:
+            return cached
+    kernels[(id(layer), dtype, graph)] = value = compute()
+    return value
 
 
 def _scale_groups(values: tf.Tensor, scales: tf.Tensor, group_size: int, n: int) -> tf.Tensor:
@@ -144,7 +197,11 @@ class _NF4Base:
         )
 
     def _dequantize(self) -> tf.Tensor:
-        """float32 kernel in torch layout (out, ...): the kernel's last axis first."""
+        """float32 kernel in torch layout (out, ...): the kernel's last axis first (made once
+        per graph inside `dequantize_once()`)."""
+        return _reused(self, "float32", self._dequantize_now)
+
+    def _dequantize_now(self) -> tf.Tensor:
         cfg, n = self.quantization, math.prod(self.kernel_shape)
         values = tf.reshape(tf.gather(tf.constant(_PAIR_TABLE), tf.cast(self.nf4_codes, tf.int32)), [-1])
         if cfg.double_quant:
@@ -171,7 +228,7 @@ class _NF4Base:
             if not self.merged:
                 kernel = nf4.fake_quant(kernel, self.quantization.group_size, self.quantization.double_quant)
             return tf.cast(kernel, dtype), False
-        return tf.stop_gradient(tf.cast(self._dequantize(), dtype)), True
+        return _reused(self, dtype, lambda: tf.stop_gradient(tf.cast(self._dequantize(), dtype))), True
 
     def _nf4_product(self, x, forward, backward):
         """``forward(x, K)`` for the dequantized kernel K (torch layout, `base_compute_dtype`),
@@ -184,6 +241,8 @@ class _NF4Base:
         the codes (`benchmarks/bench_models.py`).
         """
         dtype = self.base_compute_dtype
+        if _GENERATION.kernels is not None:  # inference inside `dequantize_once()`: no gradient
+            return forward(x, self._base_kernel()[0])
 
         def kernel(after):
             # Dequantize only once `after` exists: a graph would otherwise run every layer's
@@ -385,3 +444,5 @@ class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
                               lambda g, k: tf.einsum(self._input_grad_equation, g, k))
         return self._cast_out(y)
 
+
+_compat.wrap_generate_functions(dequantize_once)
