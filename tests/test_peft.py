@@ -402,7 +402,7 @@ def _rewrite_keys(directory, fn):
 
 
 BAD = {
-    "use_dora": (lambda d: _edit_config(d, use_dora=True), NotImplementedError, "use_dora"),
+    "use_dora_without_magnitudes": (lambda d: _edit_config(d, use_dora=True), ValueError, "lora_magnitude_vector.*use_dora"),
     "lora_bias": (lambda d: _edit_config(d, lora_bias=True), NotImplementedError, "lora_bias"),
     "pissa_init": (lambda d: _edit_config(d, init_lora_weights="pissa"), NotImplementedError, "init_lora_weights"),
     "modules_to_save_without_weights": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), ValueError,
@@ -487,10 +487,10 @@ def test_bad_input_raises_and_leaves_the_model_unchanged(case, llama_backbone, t
 
 
 def test_unsupported_architecture_is_not_implemented():
-    gpt2 = M.GPT2Backbone(vocabulary_size=32, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
-                          max_sequence_length=16)
-    with pytest.raises(NotImplementedError, match="GPT2Backbone"):
-        tf_lora.from_peft(gpt2, _dir("llama", "adapter"))
+    opt = M.OPTBackbone(vocabulary_size=32, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+                        max_sequence_length=16)
+    with pytest.raises(NotImplementedError, match="OPTBackbone"):
+        tf_lora.from_peft(opt, _dir("llama", "adapter"))
 
 
 # -- live: PEFT itself loads what tf_lora writes ------------------------------------------------------------

@@ -263,7 +263,8 @@ def test_dora_model_fit_save_load_merge(tmp_path):
     merged = tf_lora.merge(model)
     assert not any(isinstance(layer, tf_lora.LoRALayer) for layer in merged._flatten_layers())
     np.testing.assert_allclose(np.asarray(merged(x)), trained, rtol=1e-4, atol=1e-4)
-    with pytest.raises(NotImplementedError, match="format='tf_lora'"):
+    # DoRA goes out in PEFT's format too (tests/test_peft_bridge.py), for KerasHub models with a name map.
+    with pytest.raises(NotImplementedError, match="no Hugging Face name map"):
         tf_lora.save_adapter(model, str(tmp_path / "peft_dir"), format="peft")
 
 

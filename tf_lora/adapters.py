@@ -220,12 +220,11 @@ def save_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         from tf_lora import peft
 
         _check_model(model)
-        variant = [p for p, layer in _adapter_layers(model) if layer.adapter_magnitude(_adapter_name(model, adapter_name)) is not None
-                   or layer.adapter_init_pair("default") is not None]
+        variant = [p for p, layer in _adapter_layers(model) if layer.adapter_init_pair("default") is not None]
         if variant:
             raise NotImplementedError(
-                "save_adapter(format='peft') writes plain LoRA adapters only; layers "
-                f"{variant[:5]} use DoRA (use_dora) or sit on a base that an init rewrote. Use format='tf_lora'.")
+                "save_adapter(format='peft') writes LoRA and DoRA adapters on the original base only; layers "
+                f"{variant[:5]} sit on a base that an init rewrote. Use format='tf_lora'.")
         return peft.save_peft(model, path, _adapter_name(model, adapter_name), base_model_name_or_path)
     if base_model_name_or_path is not None:
         raise ValueError("Received `base_model_name_or_path` with format='tf_lora'; it is only written with format='peft'.")
@@ -408,12 +407,10 @@ def load_adapter(model: keras.Model, path: str, adapter_name: Optional[str] = No
         merged = [p for p, layer in _adapter_layers(model) if layer.merged]
         if merged:
             raise ValueError(f"Cannot load an adapter into merged layers {merged}; call unmerge() on them first.")
-        variant = [p for p, layer in _adapter_layers(model)
-                   if layer.adapter_magnitude(name) is not None or layer.adapter_init_pair("default") is not None]
+        variant = [p for p, layer in _adapter_layers(model) if layer.adapter_init_pair("default") is not None]
         if variant:
-            raise NotImplementedError(f"Cannot load a PEFT directory into adapter {name!r}: layers {variant[:5]} use "
-                                      "DoRA or sit on a base that an init rewrote, which tf_lora's PEFT format does "
-                                      "not cover.")
+            raise NotImplementedError(f"Cannot load a PEFT directory into adapter {name!r}: layers {variant[:5]} sit "
+                                      "on a base that an init rewrote, which tf_lora's PEFT format does not cover.")
         peft.load_peft(model, path, name)
         return
     tensors, metadata = _read_file(path)

@@ -10,7 +10,11 @@ as ``W.T`` reshaped to exactly those axes, so
     lora_a = A.T.reshape(in_axes + (r,))        lora_b = B.T.reshape((r,) + out_axes)
 
 and both sides scale by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Module names
-map through the per-architecture tables in `tf_lora.peft_maps`.
+map through the per-architecture tables in `tf_lora.peft_maps`. A module KerasHub splits
+(GPT-2's fused ``c_attn``: query, key, value) gets a shared A and one slice of B per part
+(`tf_lora.peft_fused`, exact). DoRA (``use_dora``): PEFT's ``lora_magnitude_vector`` (out,)
+is tf_lora's ``lora_magnitude`` reshaped to the output-side axes (both are the norm of
+``W + s B A`` per output unit). Export is `tf_lora.peft_export`.
 
 An Embedding target (``embed_tokens`` of the decoders) is saved as
 ``<module>.lora_embedding_A`` (r, vocab) and ``.lora_embedding_B`` (dim, r), and PEFT adds
@@ -42,9 +46,9 @@ import numpy as np
 from tf_lora.config import LoRAConfig, QLoRAConfig, matches
 from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
 from tf_lora.peft_files import (CONFIG_FILE, ROOT, WEIGHTS_FILE, check_features, pattern_value,
-                                read_peft_directory, split_key, split_saved_key, targets, write_peft_directory)
+                                read_peft_directory, split_key, split_saved_key, targets)
 from tf_lora.peft_maps import MAPS, NameMap
-from tf_lora.peft_saved import saved_contents, saved_weights
+from tf_lora.peft_saved import saved_weights
 from tf_lora.surgery import walk
 
 
@@ -68,11 +72,14 @@ def architecture(model) -> Tuple[NameMap, keras.Model, str]:
     return nmap, backbone, prefix
 
 
-def module_names(nmap: NameMap, num_layers: int) -> Dict[str, str]:
-    """``{Hugging Face module name (relative to the base model): KerasHub path in the backbone}``."""
+def module_names(nmap: NameMap, num_layers: int) -> Dict[str, object]:
+    """``{Hugging Face module name (relative to the base model): KerasHub path in the backbone}``;
+    a fused module (`NameMap.fused`) maps to the tuple of its parts' paths."""
     hf_block, keras_block = nmap.block
     names = {hf_block.format(i=i) + hf: keras_block.format(i=i) + k
              for i in range(num_layers) for hf, k in nmap.blocks.items()}
+    names.update({hf_block.format(i=i) + hf: tuple(keras_block.format(i=i) + k for k in parts)
+                  for i in range(num_layers) for hf, parts in nmap.fused.items()})
     names.update(nmap.top)
     names.update(nmap.embeddings)
     return names
@@ -103,9 +110,10 @@ def _tied_embedding_error(where: str, module: str, path: str) -> NotImplementedE
 
 
 # -- the plan: everything checked, nothing changed ---------------------------------------------------------
-class Plan(collections.namedtuple("Plan", "config weights saved")):
+class Plan(collections.namedtuple("Plan", "config weights saved magnitudes fused", defaults=({}, {}))):
     """`config`: the tf_lora `LoRAConfig`; `weights`: ``{keras path: (lora_a, lora_b)}`` in tf_lora layout;
-    `saved`: ``{keras path: {variable attribute: array}}`` of the `modules_to_save` layers."""
+    `saved`: ``{keras path: {variable attribute: array}}`` of the `modules_to_save` layers; `magnitudes`:
+    ``{keras path: lora_magnitude}`` (DoRA); `fused`: ``{PEFT key: keras paths}`` of the fused modules."""
 
 
 def plan(model, directory: str) -> Plan:
@@ -151,37 +159,62 @@ def plan(model, directory: str) -> Plan:
         raise ValueError(f"{config_path!r} targets {missing[:5]} but {weights_path!r} holds no weights for them.")
     if not expected:
         raise ValueError(f"Adapter file {weights_path!r} holds no LoRA weights.")
-    weights, ranks, alphas = {}, {}, {}
+    weights, ranks, alphas, magnitudes, fused = {}, {}, {}, {}, {}
+    use_dora = config.get("use_dora") is True
     for module in sorted(expected):
-        path = keras_prefix + names[module[len(prefix):]]
-        layer = layers.get(path)
-        if layer is None:
-            raise ValueError(f"Adapter file {weights_path!r} key {module!r} maps to layer {path!r}, which the model lacks.")
+        target = names[module[len(prefix):]]
+        paths = tuple(keras_prefix + t for t in (target if isinstance(target, tuple) else (target,)))
+        for path in paths:
+            if path not in layers:
+                raise ValueError(f"Adapter file {weights_path!r} key {module!r} maps to layer {path!r}, which the "
+                                 "model lacks.")
+        layer = layers[paths[0]]
         pair = dict(factors[module])
         embedding = module[len(prefix):] in nmap.embeddings
         kinds = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
         base = pair.pop("base_layer", None) if embedding else None
+        magnitude = pair.pop("lora_magnitude_vector", None)
+        if (magnitude is not None) != (use_dora and not embedding):
+            raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}.lora_magnitude_vector is "
+                             f"{'missing' if magnitude is None else 'present'}, but {config_path!r} sets "
+                             f"`use_dora`={config.get('use_dora')!r}.")
         if set(pair) != set(kinds):
             raise ValueError(f"Adapter file {weights_path!r} has {sorted(pair)} for module {module!r}, "
                              f"expected {list(kinds)}.")
         if embedding and getattr(layer, "tie_weights", False):
-            raise _tied_embedding_error(f"The PEFT adapter {config_path!r}", module, path)
+            raise _tied_embedding_error(f"The PEFT adapter {config_path!r}", module, paths[0])
+        if embedding and use_dora:
+            raise NotImplementedError(f"The PEFT adapter {config_path!r} sets `use_dora` with the Embedding target "
+                                      f"{module!r}; tf_lora has no DoRA on Embedding layers.")
         a, b = pair[kinds[0]], pair[kinds[1]]
         rank = int(pattern_value(config.get("rank_pattern"), module, config["r"]))
-        in_shape, out_shape = _lora_shapes(layer)
-        want_a, want_b = (rank, math.prod(in_shape)), (math.prod(out_shape), rank)
+        shapes = [_lora_shapes(layers[p]) for p in paths]
+        in_shape = shapes[0][0]
+        widths = [math.prod(out) for _, out in shapes]
+        want_a, want_b = (rank, math.prod(in_shape)), (sum(widths), rank)
         if a.shape != want_a or b.shape != want_b:
             names_ab = f".{kinds[0]}/B" if embedding else ".lora_A/B.weight"
             raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}{names_ab} has shapes "
-                             f"{a.shape}/{b.shape}, expected {want_a}/{want_b} for layer {path!r} (rank {rank}).")
+                             f"{a.shape}/{b.shape}, expected {want_a}/{want_b} for layer(s) {list(paths)} (rank {rank}).")
+        if magnitude is not None and magnitude.shape != (sum(widths),):
+            raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}.lora_magnitude_vector has shape "
+                             f"{magnitude.shape}, expected {(sum(widths),)} for layer(s) {list(paths)}.")
         if base is not None:  # PEFT saves the base table with an Embedding target: it must be the model's
             table = keras.ops.convert_to_numpy(layer.embeddings).astype(np.float32)
             if base.shape != table.shape or not np.array_equal(base, table):
                 raise ValueError(f"Adapter file {weights_path!r} key {ROOT + module}.base_layer.weight is not the "
-                                 f"model's table {path}.embeddings (another base checkpoint?).")
-        weights[path] = (a.T.reshape(in_shape + (rank,)), b.T.reshape((rank,) + out_shape))
-        ranks[path] = rank
-        alphas[path] = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+                                 f"model's table {paths[0]}.embeddings (another base checkpoint?).")
+        alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+        # A fused module (GPT-2's c_attn) is exactly its parts with one shared A: part i gets lora_a = A
+        # and the rows of B (and of the DoRA magnitude) that are its output units (tf_lora.peft_fused).
+        offsets = np.cumsum([0] + widths)
+        for path, (_, out_shape), lo, hi in zip(paths, shapes, offsets[:-1], offsets[1:]):
+            weights[path] = (a.T.reshape(in_shape + (rank,)), b[lo:hi].T.reshape((rank,) + out_shape))
+            ranks[path], alphas[path] = rank, alpha
+            if magnitude is not None:
+                magnitudes[path] = magnitude[lo:hi].reshape(out_shape)
+        if isinstance(target, tuple):
+            fused[ROOT + module + ".lora_A.weight"] = paths
     saved = saved_weights(nmap, prefix, keras_prefix, layers, saved_factors, config, config_path, weights_path)
     both = sorted(set(saved) & set(weights))
     if both:
@@ -196,11 +229,12 @@ def plan(model, directory: str) -> Plan:
             rank_pattern={p: v for p, v in ranks.items() if v != r},
             alpha_pattern={p: v for p, v in alphas.items() if v != alpha},
             modules_to_save="(?:" + "|".join(re.escape(p) for p in saved) + ")" if saved else (),
+            use_dora=use_dora,
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"Received an invalid value for `directory`: {config_path!r} does not give a valid "
                          f"LoRA configuration ({e}).") from None
-    return Plan(lora_config, weights, saved)
+    return Plan(lora_config, weights, saved, magnitudes, fused)
 
 
 def _check_base_model(config: dict, nmap: NameMap, config_path: str) -> None:
@@ -242,6 +276,8 @@ def assign(model, steps: Plan, adapter_name: str = "default") -> None:
         lora_a, lora_b = layers[path].adapter_variables(adapter_name)
         lora_a.assign(a.astype(np.float32))
         lora_b.assign(b.astype(np.float32))
+        if path in steps.magnitudes:
+            layers[path].adapter_magnitude(adapter_name).assign(steps.magnitudes[path].astype(np.float32))
     for path, variables in steps.saved.items():
         for attr, value in variables.items():
             variable = getattr(layers[path], attr)
@@ -254,7 +290,7 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
 
     Args:
         model: A KerasHub CausalLM / TextClassifier task or Backbone (Llama3, Qwen, Mistral,
-            Gemma, BERT) holding the base checkpoint the adapter was trained on, e.g. from
+            Gemma, BERT, GPT-2) holding the base checkpoint the adapter was trained on, e.g. from
             ``keras_hub.models.Llama3Backbone.from_preset("./hf-checkpoint")``.
         directory: A PEFT adapter directory (``adapter_config.json`` +
             ``adapter_model.safetensors``). Keys saved from a ``*ForCausalLM``
@@ -271,7 +307,7 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
         weights, and its outputs equal ``peft.PeftModel.from_pretrained(hf_model, directory)``'s.
 
     Raises:
-        NotImplementedError: a PEFT feature tf_lora does not support (`use_dora`, `lora_bias`,
+        NotImplementedError: a PEFT feature tf_lora does not support (`lora_bias`,
             an Embedding target on a tied token embedding, a `modules_to_save` module with no KerasHub layer, a head that
             differs from a tied embedding table, ...) or an architecture without a name map.
         ValueError: an unreadable directory, a non-LoRA `peft_type`, keys naming layers the
@@ -315,9 +351,18 @@ def load_peft(model, directory: str, adapter_name: str) -> None:
         raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} saves (`modules_to_save`) layers "
                          f"{sorted(steps.saved)}, the model's `modules_to_save` are layers {kept}.")
     cfg = steps.config
+    for key, paths in steps.fused.items():
+        have = [layers[p]._spec(adapter_name)["rank"] for p in paths]
+        need = cfg.rank_for(layers[paths[0]].name, paths[0])
+        if any(r != need for r in have):
+            raise NotImplementedError(
+                f"The PEFT adapter {os.fspath(directory)!r} key {key!r} is one rank-{need} LoRA on a fused projection, "
+                f"which tf_lora represents exactly only as a shared A of rank {need} on each of {list(paths)}; adapter "
+                f"{adapter_name!r} of the model has ranks {have} there. Use tf_lora.from_peft on the base model.")
     for path, layer in layers.items():
         spec = layer._spec(adapter_name)
-        want = dict(rank=cfg.rank_for(layer.name, path), alpha=cfg.alpha_for(layer.name, path), use_rslora=cfg.use_rslora)
+        want = dict(rank=cfg.rank_for(layer.name, path), alpha=cfg.alpha_for(layer.name, path), use_rslora=cfg.use_rslora,
+                    use_dora=cfg.use_dora)
         for field, value in want.items():
             if spec[field] != value:
                 raise ValueError(f"The PEFT adapter {os.fspath(directory)!r} gives layer {path!r} {field}={value!r}, "
@@ -325,93 +370,8 @@ def load_peft(model, directory: str, adapter_name: str) -> None:
     assign(model, steps, adapter_name)
 
 
-def _hf_name(nmap: NameMap, keras_path: str, num_layers: int) -> Optional[str]:
-    """The Hugging Face module name (relative to the base model) of a backbone path, or None."""
-    reverse = {k: hf for hf, k in module_names(nmap, num_layers).items()}
-    return reverse.get(keras_path)
-
-
-def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: Optional[str] = None
-                            ) -> Tuple[dict, Dict[str, np.ndarray]]:
-    """``(adapter_config, {key: float32 array})`` PEFT loads for adapter `adapter_name` of `model`."""
-    from tf_lora.adapters import _adapter_layers
-
-    nmap, backbone, keras_prefix = architecture(model)
-    config = model.adapter_config(adapter_name) if hasattr(model, "adapter_config") else None
-    num_layers = int(backbone.num_layers)
-    prefix = nmap.prefixes[0]
-    # `modules_to_save` belong to the model (set in adapt) and every adapter computes with them:
-    # PEFT keeps them per adapter, so each adapter's directory holds them, an added one's too.
-    model_config = getattr(model, "lora_config", None) or config
-    saved_tensors, saved_modules, tied = saved_contents(model, model_config, nmap, keras_prefix, prefix)
-    tensors, ranks, alphas, rslora = {}, {}, {}, set()
-    for path, layer in _adapter_layers(model):
-        if adapter_name not in layer.adapter_names:
-            continue
-        hf = _hf_name(nmap, path[len(keras_prefix):], num_layers) if path.startswith(keras_prefix) else None
-        if hf is None:
-            raise ValueError(f"Layer {path!r} has an adapter but no Hugging Face name in tf_lora's {nmap.name} "
-                             f"table ({sorted(nmap.blocks.values()) + sorted(nmap.top.values()) + sorted(nmap.embeddings.values())}), so PEFT could not load it.")
-        spec = layer._spec(adapter_name)
-        module = prefix + hf
-        embedding = hf in nmap.embeddings
-        if embedding and getattr(layer, "tie_weights", False):
-            raise _tied_embedding_error(f"Adapter {adapter_name!r} of {model.name!r}", module, path)
-        a, b = (keras.ops.convert_to_numpy(v).astype(np.float32) for v in layer.adapter_variables(adapter_name))
-        r = int(spec["rank"])
-        names_ab = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
-        tensors[f"{ROOT}{module}{names_ab[0]}"] = np.ascontiguousarray(a.reshape(-1, r).T)
-        tensors[f"{ROOT}{module}{names_ab[1]}"] = np.ascontiguousarray(b.reshape(r, -1).T)
-        ranks[module], alphas[module] = r, float(spec["alpha"])
-        rslora.add(bool(spec["use_rslora"]))
-    if not tensors:
-        raise ValueError(f"Received an invalid value for `model`: {model.name!r} has no adapter {adapter_name!r} layers.")
-    tensors.update(saved_tensors)
-    if len(rslora) > 1:
-        raise ValueError("PEFT has one `use_rslora` per adapter; the layers of this adapter disagree.")
-    r = collections.Counter(ranks.values()).most_common(1)[0][0]
-    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    modules = sorted(ranks)
-    all_names = [prefix + hf for hf in module_names(nmap, num_layers)]
-    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    by_leaf = sorted(n for n in all_names if n.rsplit(".", 1)[-1] in leaves)
-    clash = any(u.rsplit(".", 1)[-1] in leaves for u in list(nmap.unsupported) + list(nmap.outer))
-    target_modules = leaves if by_leaf == modules and not clash else modules
-    dropout = float(config.dropout) if config is not None else 0.0
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": nmap.task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout,
-        "target_modules": target_modules,
-        "use_rslora": rslora.pop(),
-        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
-        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": saved_modules or None,
-        "ensure_weight_tying": tied,
-        "use_dora": False,
-    }
-    return adapter_config, tensors
-
-
 def save_peft(model, directory: str, adapter_name: str, base_model_name_or_path: Optional[str] = None) -> int:
     """Writes a PEFT directory (see `tf_lora.save_adapter`); returns the bytes written."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"Received an invalid value for `path`, expected a folder path. Received: path={directory!r}")
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError("Received an invalid value for `base_model_name_or_path`, expected None or a string. "
-                        f"Received: base_model_name_or_path={base_model_name_or_path!r}")
-    directory = os.fspath(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"Received an invalid value for `path`: {directory!r} is a file, expected a folder.")
-    parent = os.path.dirname(os.path.abspath(directory))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"Received an invalid value for `path`: folder {parent!r} does not exist.")
-    adapter_config, tensors = peft_directory_contents(model, adapter_name, base_model_name_or_path)
-    return write_peft_directory(directory, adapter_config, tensors)
+    from tf_lora.peft_export import save_peft as save
+
+    return save(model, directory, adapter_name, base_model_name_or_path)

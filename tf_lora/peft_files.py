@@ -24,10 +24,13 @@ ROOT = "base_model.model."
 
 # Fields tf_lora reads (the rest must be empty / default: anything else is a feature it does not have).
 _READ = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora", "rank_pattern",
-         "alpha_pattern", "layers_to_transform", "layers_pattern", "peft_type", "modules_to_save", "ensure_weight_tying"}
-# Bookkeeping that does not change what the adapter computes (eva only chooses the initial A).
+         "alpha_pattern", "layers_to_transform", "layers_pattern", "peft_type", "modules_to_save", "ensure_weight_tying",
+         "use_dora"}
+# Bookkeeping that does not change what the adapter computes (eva only chooses the initial A;
+# fan_in_fan_out only says the base weight is (in, out), as GPT-2's Conv1D is: PEFT transposes
+# when it merges, lora_A (r, in) and lora_B (out, r) are the same, and on a Linear PEFT resets it).
 _IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-            "megatron_core", "runtime_config", "qalora_group_size", "eva_config"}
+            "megatron_core", "runtime_config", "qalora_group_size", "eva_config", "fan_in_fan_out"}
 # Initialisations that leave the base weights alone (pissa, olora, loftq, corda, lora_ga change them).
 _INITS = (True, False, "gaussian", "eva", "orthogonal")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": "bf16"}
@@ -146,6 +149,7 @@ _TYPES = {
     "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
     "ensure_weight_tying": ("true or false", lambda v: isinstance(v, bool)),
     "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 
@@ -251,14 +255,15 @@ def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
     `kind` is ``"lora_A"`` / ``"lora_B"`` (``<module>.lora_A.weight``, a Linear),
     ``"lora_embedding_A"`` / ``"lora_embedding_B"`` (``<module>.lora_embedding_A``, an
     Embedding; PEFT keeps them as bare parameters, no ``.weight``) or ``"base_layer"``
-    (``<module>.base_layer.weight``: the base table PEFT saves with an Embedding target).
+    (``<module>.base_layer.weight``: the base table PEFT saves with an Embedding target), or
+    ``"lora_magnitude_vector"`` (DoRA's magnitude, (out,): one per output row of the torch weight).
     """
     for kind, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
                          ("lora_embedding_A", ".lora_embedding_A"), ("lora_embedding_B", ".lora_embedding_B"),
-                         ("base_layer", ".base_layer.weight")):
+                         ("base_layer", ".base_layer.weight"), ("lora_magnitude_vector", ".lora_magnitude_vector")):
         if key.startswith(ROOT) and key.endswith(suffix):
             return key[len(ROOT) : -len(suffix)], kind
-    features = (("lora_magnitude_vector", "`use_dora`"), (".lora_A.bias", "`lora_bias`"), (".lora_B.bias", "`lora_bias`"))
+    features = ((".lora_A.bias", "`lora_bias`"), (".lora_B.bias", "`lora_bias`"))
     for marker, feature in features:
         if marker in key:
             raise NotImplementedError(f"Adapter file {path!r} key {key!r} needs {feature}, which tf_lora does not support.")

@@ -47,6 +47,13 @@ class NameMap:
         saved_outer: The same for modules of the task model outside the base model,
             named relative to the task model (the LM head).
         task_type: The PEFT ``task_type`` written on export.
+        fused: Hugging Face modules that KerasHub splits into several layers: name inside a
+            block -> the KerasHub paths inside the block its output rows go to, in order (GPT-2's
+            ``attn.c_attn``: rows ``[:h]`` the query, ``[h:2h]`` the key, ``[2h:]`` the value).
+            `tf_lora.peft_fused` says how a LoRA on one maps onto the parts.
+        conv1d: The Hugging Face model stores its projections as ``Conv1D`` (weight (in, out),
+            GPT-2): PEFT sets ``fan_in_fan_out`` for them, which changes only how it merges,
+            not ``lora_A`` (r, in) / ``lora_B`` (out, r), so the adapter layout is the same.
 
     A KerasHub ``ReversibleEmbedding`` is both the input embedding and the LM head: untied,
     ``embeddings`` is ``embed_tokens.weight`` and ``reverse_embeddings`` is
@@ -67,6 +74,8 @@ class NameMap:
     saved: Mapping[str, Tuple[str, Mapping[str, str]]] = dataclasses.field(default_factory=dict)
     saved_outer: Mapping[str, Tuple[str, Mapping[str, str]]] = dataclasses.field(default_factory=dict)
     task_type: Optional[str] = None
+    fused: Mapping[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    conv1d: bool = False
 
 
 # convert_*.py: embed_tokens.weight -> token_embedding.embeddings (a ReversibleEmbedding; tied or not).
@@ -149,4 +158,21 @@ BERT = NameMap(
     task_type="FEATURE_EXTRACTION",
 )
 
-MAPS: Tuple[NameMap, ...] = (LLAMA, QWEN2, MISTRAL, GEMMA, BERT)
+# convert_gpt2.py (GPT2Backbone): Conv1D weights (in, out) go to the kernels as they are (no
+# transpose: still "W.T" of the torch-Linear (out, in) layout the adapter uses); c_attn's columns
+# [:h], [h:2h], [2h:] to query, key, value. KerasHub ties the LM head to `wte` (tie_weights).
+GPT2 = NameMap(
+    name="gpt2", model_types=("gpt2",), backbones=("GPT2Backbone",),
+    prefixes=("transformer.", ""), block=("h.{i}.", "transformer_layer_{i}/"),
+    blocks={
+        "attn.c_proj": "self_attention/attention_output",
+        "mlp.c_fc": "feedforward_intermediate_dense",
+        "mlp.c_proj": "feedforward_output_dense",
+    },
+    fused={"attn.c_attn": ("self_attention/query", "self_attention/key", "self_attention/value")},
+    unsupported={"wte": "an Embedding tied to the LM head in KerasHub", "wpe": "a position Embedding target"},
+    outer={"lm_head": "the LM head (tied to the token embedding in KerasHub)"},
+    task_type="CAUSAL_LM", conv1d=True,
+)
+
+MAPS: Tuple[NameMap, ...] = (LLAMA, QWEN2, MISTRAL, GEMMA, BERT, GPT2)
