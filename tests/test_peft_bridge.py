@@ -13,6 +13,7 @@ Adapter weights written after an import equal PEFT's bit for bit.
 import json
 import os
 
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -195,3 +196,99 @@ def test_llama_dora_both_ways_equals_peft(tmp_path):
     _randomize(model, seed=1)  # then out: new factors and magnitudes, read back by PEFT
     tf_lora.save_adapter(model, str(tmp_path / "b"), format="peft")
     assert np.max(np.abs(_logits(model) - _peft_logits(base, str(tmp_path / "b")))) <= ATOL
+
+
+# -- BERT's Embedding targets -----------------------------------------------------------------------------------
+BERT = os.path.join(FIXTURES, "bert", "base")
+
+
+def _bert_torch(model, tokens=TOKENS):
+    ids = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, token_type_ids=torch.ones_like(ids), attention_mask=torch.ones_like(ids))
+    return {"hidden": out.last_hidden_state.numpy(), "pooled": out.pooler_output.numpy()}
+
+
+def _bert_keras(model, tokens=TOKENS):
+    out = model({"token_ids": tokens, "padding_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens)},
+                training=False)
+    return {"hidden": np.asarray(out["sequence_output"]), "pooled": np.asarray(out["pooled_output"])}
+
+
+def _bert_hf():
+    return transformers.BertModel.from_pretrained(BERT, attn_implementation="eager").eval()
+
+
+def test_bert_word_and_token_type_embeddings_both_ways_equal_peft(tmp_path):
+    """PEFT's Embedding LoRA (lora_embedding_A (r, vocab), lora_embedding_B (dim, r)) on word_embeddings and
+    token_type_embeddings becomes tf_lora's LoRAEmbedding on token_embedding / segment_embedding (segment
+    ids 1 here, so the adapted row is read); KerasHub's BERT backbone never reads token_embedding in reverse."""
+    peft_model = peft.get_peft_model(_bert_hf(), peft.LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["word_embeddings", "token_type_embeddings", "query"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    peft_model.eval().save_pretrained(str(tmp_path / "a"))
+    theirs = _bert_torch(peft_model)
+    model = tf_lora.from_peft(M.BertBackbone.from_preset(BERT), str(tmp_path / "a"))
+    ours = _bert_keras(model)
+    for k in theirs:
+        assert np.max(np.abs(ours[k] - theirs[k])) <= ATOL, k
+    assert np.max(np.abs(ours["hidden"] - _bert_torch(_bert_hf())["hidden"])) > 1e-2
+    _randomize(model, seed=2)  # and out: PEFT reads tf_lora's embedding adapters
+    tf_lora.save_adapter(model, str(tmp_path / "b"), format="peft")
+    loaded = _bert_torch(peft.PeftModel.from_pretrained(_bert_hf(), str(tmp_path / "b")).eval())
+    ours = _bert_keras(model)
+    for k in loaded:
+        assert np.max(np.abs(ours[k] - loaded[k])) <= ATOL, k
+
+
+def test_bert_word_embeddings_on_a_masked_lm_is_not_implemented(tmp_path):
+    """BertMaskedLM reads the tied token embedding in reverse as its head; PEFT adapts the lookup only."""
+    peft.get_peft_model(_bert_hf(), peft.LoraConfig(r=2, target_modules=["word_embeddings"])).save_pretrained(
+        str(tmp_path / "a"))
+    lm = M.BertMaskedLM(M.BertBackbone.from_preset(BERT), preprocessor=None)
+    with pytest.raises(NotImplementedError, match="word_embeddings.*tied"):
+        tf_lora.from_peft(lm, str(tmp_path / "a"))
+
+
+# -- merge, then KerasHub's export_to_transformers -----------------------------------------------------------------
+# KerasHub 0.32 exports (hf_exporter.MODEL_EXPORTERS) Gemma, Gemma3/4, Llama3, Mistral, Qwen, Qwen3.5 and
+# GPT-2; of these, the ones with a tf_lora name map. The preprocessor is detached (the tiny checkpoints have no
+# tokenizer files; KerasHub exports a tokenizer separately with `preprocessor.export_to_transformers`).
+EXPORTED = {"llama": M.Llama3CausalLM, "qwen2": M.QwenCausalLM, "mistral": M.MistralCausalLM,
+            "gemma": M.GemmaCausalLM, "gpt2": M.GPT2CausalLM}
+_GEMMA_MQA = dict(vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=1, hidden_dim=32,
+                  intermediate_dim=128, head_dim=8)
+
+
+_KV_HEADS = "KerasHub 0.32's Gemma exporter keeps only the first key/value head; transformers refuses the shapes"
+
+
+@pytest.mark.parametrize("arch", ["gemma", pytest.param("gemma_gqa", marks=pytest.mark.xfail(
+    strict=True, raises=RuntimeError, reason=_KV_HEADS)), "gpt2", "llama", "mistral", "qwen2"])
+def test_merge_then_export_to_transformers_equals_the_adapted_model(arch, gpt2_dir, tmp_path):
+    """Gemma: KerasHub's exporter writes key/value kernels ``[0]``, the first KV head only (Gemma 2B/7B's
+    layouts), so a grouped-query Gemma (the 2-KV-head fixture) exports wrong shapes: KerasHub's limit, kept
+    here as a strict xfail; a one-KV-head Gemma built in KerasHub is exported and checked instead."""
+    if arch == "gemma":
+        keras.utils.set_random_seed(0)
+        lm, base_logits = M.GemmaCausalLM(M.GemmaBackbone(**_GEMMA_MQA), preprocessor=None), None
+    else:
+        base = {"gpt2": gpt2_dir, "gemma_gqa": os.path.join(FIXTURES, "gemma", "base")}.get(
+            arch, os.path.join(FIXTURES, arch, "base"))
+        lm, base_logits = _keras_lm(base, EXPORTED[arch.split("_")[0]]), _torch_logits(_hf(base))
+    plain = _logits(lm)
+    model = tf_lora.adapt(lm, tf_lora.LoRAConfig(rank=2, alpha=4, dropout=0.0, target_modules="all-linear"))
+    _randomize(model, seed=3)
+    ours = _logits(model)
+    merged = tf_lora.merge(model)
+    merged.preprocessor = None
+    merged.export_to_transformers(str(tmp_path / "hf"))
+    theirs = _torch_logits(_hf(str(tmp_path / "hf")))
+    assert np.max(np.abs(ours - theirs)) <= ATOL, np.max(np.abs(ours - theirs))
+    assert np.max(np.abs(ours - plain)) > 1e-2  # the merged adapter is in the export
+    if base_logits is not None:
+        assert np.max(np.abs(plain - base_logits)) <= ATOL

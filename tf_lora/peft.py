@@ -101,6 +101,13 @@ def _lora_shapes(layer) -> Tuple[tuple, tuple]:
                      "Embedding layer.")
 
 
+def tied_head(nmap: NameMap, model, layer) -> bool:
+    """Whether `layer` is a token embedding that `model` also reads in reverse as its LM head."""
+    if not getattr(layer, "tie_weights", False):
+        return False
+    return nmap.tied_readers is None or any(c.__name__ in nmap.tied_readers for c in type(model).__mro__)
+
+
 def _tied_embedding_error(where: str, module: str, path: str) -> NotImplementedError:
     return NotImplementedError(
         f"{where} puts a LoRA on the Embedding {module!r} (`target_modules` embed_tokens), but layer {path!r} is a "
@@ -181,7 +188,7 @@ def plan(model, directory: str) -> Plan:
         if set(pair) != set(kinds):
             raise ValueError(f"Adapter file {weights_path!r} has {sorted(pair)} for module {module!r}, "
                              f"expected {list(kinds)}.")
-        if embedding and getattr(layer, "tie_weights", False):
+        if embedding and tied_head(nmap, model, layer):
             raise _tied_embedding_error(f"The PEFT adapter {config_path!r}", module, paths[0])
         if embedding and use_dora:
             raise NotImplementedError(f"The PEFT adapter {config_path!r} sets `use_dora` with the Embedding target "

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import keras
 import numpy as np
 
-from tf_lora.peft import _lora_shapes, _tied_embedding_error, architecture, module_names
+from tf_lora.peft import _lora_shapes, _tied_embedding_error, architecture, module_names, tied_head
 from tf_lora.peft_files import ROOT, write_peft_directory
 from tf_lora.peft_fused import Part, fuse
 from tf_lora.peft_maps import NameMap
@@ -69,7 +69,7 @@ def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: O
                              f"table ({sorted(nmap.blocks.values()) + sorted(nmap.top.values()) + sorted(nmap.embeddings.values())}), so PEFT could not load it.")
         module = prefix + hf
         embedding = hf in nmap.embeddings
-        if embedding and getattr(layer, "tie_weights", False):
+        if embedding and tied_head(nmap, model, layer):
             raise _tied_embedding_error(f"Adapter {adapter_name!r} of {model.name!r}", module, path)
         a, b = (keras.ops.convert_to_numpy(v).astype(np.float32) for v in layer.adapter_variables(adapter_name))
         r = int(spec["rank"])

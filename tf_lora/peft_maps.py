@@ -51,6 +51,10 @@ class NameMap:
             block -> the KerasHub paths inside the block its output rows go to, in order (GPT-2's
             ``attn.c_attn``: rows ``[:h]`` the query, ``[h:2h]`` the key, ``[2h:]`` the value).
             `tf_lora.peft_fused` says how a LoRA on one maps onto the parts.
+        tied_readers: Task classes (names along the model's MRO) that read a tied token embedding
+            in reverse as their LM head, so an Embedding LoRA on it would change their logits too
+            (PEFT adapts the input lookup only): None for every model (the decoders' CausalLM);
+            BERT's backbone and classifier never read it in reverse, its ``MaskedLM`` does.
         conv1d: The Hugging Face model stores its projections as ``Conv1D`` (weight (in, out),
             GPT-2): PEFT sets ``fan_in_fan_out`` for them, which changes only how it merges,
             not ``lora_A`` (r, in) / ``lora_B`` (out, r), so the adapter layout is the same.
@@ -76,6 +80,7 @@ class NameMap:
     task_type: Optional[str] = None
     fused: Mapping[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
     conv1d: bool = False
+    tied_readers: Optional[Tuple[str, ...]] = None
 
 
 # convert_*.py: embed_tokens.weight -> token_embedding.embeddings (a ReversibleEmbedding; tied or not).
@@ -147,11 +152,12 @@ BERT = NameMap(
         "output.dense": "feedforward_output_dense",
     },
     top={"pooler.dense": "pooled_dense"},
-    unsupported={
-        "embeddings.word_embeddings": "an Embedding target",
-        "embeddings.position_embeddings": "an Embedding target",
-        "embeddings.token_type_embeddings": "an Embedding target",
-    },
+    # convert_bert.py: word_embeddings -> token_embedding (a ReversibleEmbedding that only BertMaskedLM's head
+    # reads in reverse), token_type_embeddings -> segment_embedding (an Embedding).
+    embeddings={"embeddings.word_embeddings": "token_embedding",
+                "embeddings.token_type_embeddings": "segment_embedding"},
+    tied_readers=("MaskedLM",),
+    unsupported={"embeddings.position_embeddings": "a position embedding (KerasHub's PositionEmbedding)"},
     outer={"classifier": "a classification head outside the backbone"},
     saved={"pooler.dense": ("pooled_dense", {"weight": "kernel.T", "bias": "bias"}),
            "pooler": ("pooled_dense", {"dense.weight": "kernel.T", "dense.bias": "bias"})},
