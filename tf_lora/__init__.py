@@ -23,6 +23,7 @@ from tf_lora.checkpointing import checkpointed_blocks, disable_gradient_checkpoi
 from tf_lora.config import LoRAConfig, QLoRAConfig
 from tf_lora.convert import use_chunked_attention
 from tf_lora.loss import use_chunked_loss
+from tf_lora.packing import enable_packing
 from tf_lora.distribute import BackupAndRestore, is_chief, multi_worker_strategy
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import chunked_attention
@@ -74,6 +75,7 @@ __all__ = sorted(
         "checkpointed_blocks",
         "disable_gradient_checkpointing",
         "enable_gradient_checkpointing",
+        "enable_packing",
         "add_weighted_adapter",
         "loraplus_optimizer",
         "chunked_attention",

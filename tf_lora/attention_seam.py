@@ -16,13 +16,20 @@ from the model: the op gets the mask the layer itself would use (causal and padd
 sliding window, and the offset of cached decoding in `generate`), so both paths attend to
 exactly the same keys; tiles the mask hides entirely are skipped, so a causal or
 sliding-window mask costs no more than the band.
+
+A decoder block may instead hand its chunked attention a `Deferred` mask (see
+`tf_lora.packing`): segment ids of the queries and keys, the causal flag and the sliding
+window, from which the op builds each tile itself and skips the tiles of other segments;
+no (batch, T, T) mask is built or kept for the backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import threading
 from typing import Any, Callable, Dict, Optional
 
 import keras
@@ -32,7 +39,7 @@ from keras import ops
 
 from tf_lora.layers.chunked_op import _normalize_mask, masked_chunked_attention
 
-__all__ = ["SEAMS", "Seam", "chunked_class", "seam_for"]
+__all__ = ["SEAMS", "Deferred", "Seam", "chunked_class", "deferred_mask", "seam_for"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,6 +122,59 @@ SEAMS: Dict[str, Seam] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """The mask a decoder block hands its chunked attention instead of a (batch, T, T) one.
+
+    Query ``i`` sees key ``j`` iff ``segment_ids[i] == key_segment_ids[j] != 0``, ``j <= i``
+    (when `causal`) and ``i - j < window`` (when a window is set): KerasHub's causal +
+    padding mask when the ids are ones and the padding mask, and a packed row's
+    segment-aware one when they are its segment ids.
+
+    Attributes:
+        segment_ids: (batch, T) int32 ids of the queries.
+        key_segment_ids: (batch, T) int32 ids of the keys (0 on padding).
+        causal: Whether the mask is causal.
+        window: Sliding window (keys ``i - window < j``), or `None`.
+    """
+
+    segment_ids: Any
+    key_segment_ids: Any
+    causal: bool = True
+    window: Optional[int] = None
+
+    def dense(self) -> tf.Tensor:
+        """The (batch, T, T) bool mask this stands for (for the layer's own computation)."""
+        q, k = self.segment_ids[:, :, None], self.key_segment_ids[:, None, :]
+        mask = (q == k) & (k != 0)
+        i, j = tf.range(tf.shape(q)[1])[:, None], tf.range(tf.shape(k)[2])[None, :]
+        if self.causal:
+            mask &= (j <= i)[None]
+        if self.window is not None:
+            mask &= (i - j < self.window)[None]
+        return mask
+
+
+_DEFERRED = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_mask(layer, deferred: Optional[Deferred]):
+    """While the body runs, chunked attention `layer` uses `deferred` (if not None) instead of
+    the mask its caller passes (a placeholder)."""
+    stack = _DEFERRED.__dict__.setdefault("stack", [])
+    stack.append((layer, deferred))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _deferred_for(layer) -> Optional[Deferred]:
+    stack = _DEFERRED.__dict__.get("stack")
+    return stack[-1][1] if stack and stack[-1][0] is layer else None
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -154,9 +214,12 @@ class ChunkedSeam:
         named = bound.arguments
         query, key, value = list(named.values())[:3]
         seam = self._seam
+        deferred = _deferred_for(self)
         if named.get("return_attention_scores") or len(query.shape) != 4:
-            return base(*args, **kwargs)  # scores are asked for: the layer's own computation
-        mask = named.get("attention_mask")
+            if deferred is not None:  # the placeholder stands for this mask
+                named["attention_mask"] = deferred.dense()
+            return base(*bound.args, **bound.kwargs)  # scores are asked for: the layer's own computation
+        mask = None if deferred is not None else named.get("attention_mask")
         if seam.window is not None and mask is not None and getattr(self, seam.window[0]):
             index = named.get("cache_update_index")
             mask = getattr(self, seam.window[1])(mask, cache_update_index=0 if index is None else index)
@@ -172,9 +235,14 @@ class ChunkedSeam:
         if seam.dropout is not None and training:
             rate = float(getattr(self, seam.dropout[0]) or 0.0)
             seed = getattr(getattr(self, seam.dropout[1]), "seed_generator", None) if rate > 0 else None
+        segments = {}
+        if deferred is not None:
+            segments = dict(segment_ids=deferred.segment_ids, key_segment_ids=deferred.key_segment_ids,
+                            sliding_window=deferred.window)
         output = masked_chunked_attention(
             query, key, value, masks,
-            causal=bool(named.get("use_causal_mask", False)),
+            causal=deferred.causal if deferred is not None else bool(named.get("use_causal_mask", False)),
+            **segments,
             soft_cap=seam.soft_cap(self),
             empty_rows=seam.empty_rows(self),
             query_chunk_size=self.query_chunk_size,

@@ -14,7 +14,7 @@ from typing import Optional
 
 import keras
 
-from tf_lora import _compat, surgery
+from tf_lora import _compat, packing, surgery
 from tf_lora.attention_seam import SEAMS, ChunkedSeam, chunked_class, seam_for
 from tf_lora.layers.attention import ChunkedAttention
 from tf_lora.layers.chunked_op import _check_positive_int
@@ -83,6 +83,9 @@ def use_chunked_attention(
     masks of its own). Supported: `keras.layers.MultiHeadAttention` (anywhere, e.g. in a
     KerasHub `BertBackbone`), and KerasHub's GPT-2, Llama, Llama 3, Mistral, Qwen,
     Gemma and Gemma 2 backbones and tasks. Layers already switched keep their settings.
+    The decoder blocks of those KerasHub models then hand the op the padding (and, for
+    packed batches, segment) ids instead of building their (batch, T, T) mask (see
+    `tf_lora.enable_packing`).
 
     Only each layer's class changes (its sublayers, weights and variable paths stay),
     so this works before or after `tf_lora.adapt`, and the model keeps its class.
@@ -125,6 +128,8 @@ def use_chunked_attention(
                 query_chunk_size, key_chunk_size, max_memory_bytes)
         else:
             layer.set_chunking(query_chunk_size, key_chunk_size, max_memory_bytes)
+    if packing.switch_layers(model):  # the decoder blocks hand the op segment ids instead of a (B, T, T) mask
+        switch = True
     if switch:
         _compat.reset_traced_functions(model)
     return model

@@ -62,6 +62,10 @@ class AdaptedModel(_compat.MultiWorkerTrainer):
             from tf_lora.loss import use_chunked_loss
 
             use_chunked_loss(self, lora_config.max_loss_memory)
+        from tf_lora.packing import enable_packing, supports_packing
+
+        if supports_packing(self):  # packed batches (segment_ids, positions) reach its decoder blocks
+            enable_packing(self)
         self.reset_compiled_functions()
 
     @property
@@ -303,6 +307,13 @@ class _AdaptedSubclassMixin(AdaptedModel):
     """Serialization of ``adapted_class(cls)``: the base class's own config plus
     the adapters, under one registered name, so `keras.models.load_model`
     restores the adapters in a fresh process (after ``import tf_lora``)."""
+
+    def call(self, *args, **kwargs):
+        # A packed batch's segment_ids/positions reach the decoder blocks (tf_lora.packing);
+        # a model that cannot read them raises instead of dropping them.
+        from tf_lora.packing import packed_call
+
+        return packed_call(self, super().call, *args, **kwargs)
 
     @classmethod
     def _base_class(cls) -> type:

@@ -5,11 +5,13 @@ so `fit` and `evaluate` of a CausalLM built with ``preprocessor=None`` (or any a
 one) take it directly: ``x = {"token_ids", "padding_mask"}`` (int32, ``(batch,
 sequence_length)``), ``y`` the next tokens (int32), ``sample_weight`` float32, 1 on the
 labels that train and 0 on prompt, system, user and padding positions. Packed rows add
-``x["segment_ids"]`` and ``x["positions"]`` (see `tf_lora.data.packing`); they are meant
-for models that read them, so that an example attends only to itself. A model that does
-not read them (a KerasHub CausalLM without tf_lora's packing support: Keras drops unknown
-input keys with a warning) attends across the examples of a row: train such a model on
-unpacked rows.
+``x["segment_ids"]`` and ``x["positions"]`` (see `tf_lora.data.packing`). KerasHub decoders
+adapted by `tf_lora.adapt` (GPT-2, Llama, Llama 3, Mistral, Qwen, Gemma, Gemma 2), or
+switched with `tf_lora.enable_packing`, read them: each example attends only to earlier
+tokens of its own and sees positions restarting at 0, so it trains exactly as it would
+unpacked. An adapted model that cannot read them raises; a KerasHub model that is neither
+adapted nor switched would drop them (with a Keras warning) and let the examples of a row
+attend to each other.
 """
 
 from __future__ import annotations
