@@ -133,7 +133,8 @@ ARCHITECTURES: Dict[str, Architecture] = {
     _HUB + "gpt2.gpt2_backbone.GPT2Backbone": Architecture(
         "GPT-2", "keras_hub.src.layers.modeling.transformer_decoder.TransformerDecoder",
         position_embedding="position_embedding"),
-    _HUB + "llama.llama_backbone.LlamaBackbone": Architecture("Llama", _HUB + "llama.llama_decoder.LlamaTransformerDecoder"),
+    _HUB + "llama.llama_backbone.LlamaBackbone": Architecture(
+        "Llama", _HUB + "llama.llama_decoder.LlamaTransformerDecoder"),
     _HUB + "llama3.llama3_backbone.Llama3Backbone": Architecture(
         "Llama 3", _HUB + "llama.llama_decoder.LlamaTransformerDecoder"),
     _HUB + "mistral.mistral_backbone.MistralBackbone": Architecture(
@@ -225,7 +226,8 @@ def _packed_mask(self, *args, **kwargs):
         return ops.ones_like(scope.deferred.segment_ids)[:, :, None]
     mask = own(*args, **kwargs)
     segments = ops.cast(scope.segment_ids, "int32")
-    same = ops.logical_and(ops.equal(segments[:, :, None], segments[:, None, :]), ops.not_equal(segments, 0)[:, None, :])
+    keys = segments[:, None, :]
+    same = ops.logical_and(ops.equal(segments[:, :, None], keys), ops.not_equal(keys, 0))
     return ops.cast(ops.logical_and(ops.cast(mask, "bool"), same), mask.dtype)
 
 

@@ -23,8 +23,8 @@ import keras
 from keras import ops
 
 from tf_lora import _compat, surgery
-from tf_lora.block_seam import (ARCHITECTURES, BLOCKS, Packed, attribute_at, original_class, qualname, packed_block_class,
-                                packed_position_class, use)
+from tf_lora.block_seam import (ARCHITECTURES, BLOCKS, Packed, attribute_at, original_class, packed_block_class,
+                                packed_position_class, qualname, use)
 
 __all__ = ["KEYS", "enable_packing", "packed_call", "supports_packing"]
 
