@@ -38,3 +38,18 @@ def test_benchmark_quick_run(script):
         for section in ("(a) rank sweep", "(b) LoRA / full fine-tuning ratios", "(c) sequence sweep",
                         "(d) switching adapters"):
             assert section in proc.stdout, f"missing section {section!r}{tail}"
+
+
+def test_bench_long_context_quick_run():
+    """bench_long_context.py --quick (tiny widths, T=128): every configuration's memory child
+    and the interleaved timing child run and a table with ratios vs plain is printed."""
+    path = os.path.join(BENCHMARKS, "bench_long_context.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(_command("bench_long_context.py", path), capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(BENCHMARKS), timeout=900)  # guards a hang only
+    tail = f"\n--- stdout tail ---\n{proc.stdout[-3000:]}\n--- stderr tail ---\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"bench_long_context.py --quick exited with {proc.returncode}{tail}"
+    assert TABLE_RULE.search(proc.stdout) and RATIO.search(proc.stdout), f"no table with ratios{tail}"
+    for row in ("plain KerasHub + LoRA", "chunked attention", "+ chunked loss", "+ checkpointing"):
+        line = next((ln for ln in proc.stdout.splitlines() if row in ln and ln.lstrip().startswith("128")), "")
+        assert line and "OOM" not in line, f"missing row {row!r} at T=128, or it did not fit{tail}"
