@@ -220,7 +220,7 @@ def test_gguf_file_trains_and_generates(files, tmp_path, capsys):
 
 def test_train_writes_tf_lora_format_only_where_peft_has_no_name_map(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # and without matplotlib: no PNG, a note
-    from tf_lora import peft as tf_peft  # GPT-2 has a name map now: take it away to reach the other branch
+    from tf_lora.interop import peft as tf_peft  # GPT-2 has a name map now: take it away to reach the other branch
 
     monkeypatch.setattr(tf_peft, "MAPS", tuple(m for m in tf_peft.MAPS if m.name != "gpt2"))
     out = os.path.join(files["root"], "gpt2-run")

@@ -1,4 +1,4 @@
-"""The PEFT bridge (tf_lora.peft) against the real peer.
+"""The PEFT bridge (tf_lora.interop.peft) against the real peer.
 
 Fixtures (tests/fixtures/peft/, made by make_peft_fixtures.py with torch 2.13.0+cpu,
 transformers 5.24.0, peft 0.21.2, bitsandbytes 0.50.2): tiny random Hugging Face checkpoints, PEFT adapters
@@ -23,7 +23,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import tf_lora
-from tf_lora import peft as tf_peft
+from tf_lora.interop import peft as tf_peft
 from tf_lora.layers.embedding import LoRAReversibleEmbedding
 from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
 from tf_lora.surgery import walk
@@ -120,7 +120,7 @@ def test_kerashub_base_equals_hugging_face(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_name_table_rows_and_layout_match_the_converter(arch):
     """Every row of the table names a layer whose kernel KerasHub's converter filled with the
-    row's Hugging Face weight laid out as tf_lora.peft assumes (W.T reshaped to the
+    row's Hugging Face weight laid out as tf_lora.interop.peft assumes (W.T reshaped to the
     input-side then output-side kernel axes, then in the kernel's own order)."""
     backbone = _backbone(arch)
     nmap, _, prefix = tf_peft.architecture(backbone)

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import tf_lora
-from tf_lora import peft as tf_peft
+from tf_lora.interop import peft as tf_peft
 from tf_lora.layers.lora import LoRALayer
 from tf_lora.surgery import walk
 

@@ -104,7 +104,7 @@ def test_interrupted_write_keeps_previous_file(adapted, tmp_path):
         f.write = write
         return f
 
-    with mock.patch("tf_lora.adapters.os.fdopen", side_effect=half_write):
+    with mock.patch("tf_lora.adapter_files.os.fdopen", side_effect=half_write):
         with pytest.raises(KeyboardInterrupt):
             tf_lora.save_adapter(adapted, path)
     assert open(path, "rb").read() == original

@@ -41,7 +41,7 @@ from tf_lora.layers.qlora_conv_embedding import (
     QLoRAReversibleEmbedding,
 )
 from tf_lora.memory import memory_report, print_memory_report
-from tf_lora.peft import from_peft
+from tf_lora.interop import from_peft  # registers the PEFT directory format
 from tf_lora.multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter
 from tf_lora.train import AdaptedModel, LoRAModel
 

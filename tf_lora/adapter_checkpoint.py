@@ -40,6 +40,7 @@ import numpy as np
 from keras import ops
 
 from tf_lora import _compat, distribute
+from tf_lora.adapter_files import _umask
 from tf_lora.adapters import load_adapter, save_adapter
 
 FORMAT = "tf_lora.checkpoint"
@@ -333,9 +334,3 @@ def _read_state(path: str) -> dict:
     if state.get("format") != FORMAT:
         raise ValueError(f"Received an invalid value for `path`: {path!r} is not a tf_lora checkpoint.")
     return state
-
-
-def _umask() -> int:
-    from tf_lora.adapters import _umask as umask
-
-    return umask()

@@ -17,11 +17,12 @@ from typing import Dict, Optional, Tuple
 import keras
 import numpy as np
 
-from tf_lora.peft import _lora_shapes, _tied_embedding_error, architecture, module_names, tied_head
-from tf_lora.peft_files import ROOT, write_peft_directory
-from tf_lora.peft_fused import Part, fuse
-from tf_lora.peft_maps import NameMap
-from tf_lora.peft_saved import saved_contents
+from tf_lora.adapter_files import _adapter_layers
+from tf_lora.interop.peft import _lora_shapes, _tied_embedding_error, architecture, module_names, tied_head
+from tf_lora.interop.peft_files import ROOT, write_peft_directory
+from tf_lora.interop.peft_fused import Part, fuse
+from tf_lora.interop.peft_maps import NameMap
+from tf_lora.interop.peft_saved import saved_contents
 from tf_lora.surgery import walk
 
 
@@ -38,7 +39,6 @@ def _numpy(variable) -> np.ndarray:
 def peft_directory_contents(model, adapter_name: str, base_model_name_or_path: Optional[str] = None
                             ) -> Tuple[dict, Dict[str, np.ndarray]]:
     """``(adapter_config, {key: float32 array})`` PEFT loads for adapter `adapter_name` of `model`."""
-    from tf_lora.adapters import _adapter_layers
 
     nmap, backbone, keras_prefix = architecture(model)
     config = model.adapter_config(adapter_name) if hasattr(model, "adapter_config") else None

@@ -43,12 +43,13 @@ from typing import Dict, Optional, Tuple
 import keras
 import numpy as np
 
+from tf_lora.adapter_files import _adapter_layers
 from tf_lora.config import LoRAConfig, QLoRAConfig, matches
 from tf_lora.layers.lora import LoRALayer, _einsum_lora_equations
-from tf_lora.peft_files import (CONFIG_FILE, ROOT, WEIGHTS_FILE, check_features, pattern_value,
+from tf_lora.interop.peft_files import (CONFIG_FILE, ROOT, WEIGHTS_FILE, check_features, pattern_value,
                                 read_peft_directory, split_key, split_saved_key, targets)
-from tf_lora.peft_maps import MAPS, NameMap
-from tf_lora.peft_saved import saved_weights
+from tf_lora.interop.peft_maps import MAPS, NameMap
+from tf_lora.interop.peft_saved import saved_weights
 from tf_lora.surgery import walk
 
 
@@ -343,8 +344,6 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
 
 def load_peft(model, directory: str, adapter_name: str) -> None:
     """Loads a PEFT directory into adapter `adapter_name` of an adapted model (see `load_adapter`)."""
-    from tf_lora.adapters import _adapter_layers
-
     steps = plan(model, directory)
     layers = {p: l for p, l in _adapter_layers(model) if adapter_name in l.adapter_names}
     if set(layers) != set(steps.weights):
@@ -376,9 +375,3 @@ def load_peft(model, directory: str, adapter_name: str) -> None:
                                  f"adapter {adapter_name!r} of the model has {field}={spec[field]!r}.")
     assign(model, steps, adapter_name)
 
-
-def save_peft(model, directory: str, adapter_name: str, base_model_name_or_path: Optional[str] = None) -> int:
-    """Writes a PEFT directory (see `tf_lora.save_adapter`); returns the bytes written."""
-    from tf_lora.peft_export import save_peft as save
-
-    return save(model, directory, adapter_name, base_model_name_or_path)

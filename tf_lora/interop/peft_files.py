@@ -19,6 +19,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from tf_lora.adapter_files import _atomic_write
+
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 ROOT = "base_model.model."
 
@@ -275,8 +277,6 @@ def split_key(key: str, path: str, config: dict) -> Tuple[str, str]:
 def write_peft_directory(directory: str, config: dict, tensors: Dict[str, np.ndarray]) -> int:
     """Writes both files, each atomically; a failure leaves a new folder absent and an old one as it was."""
     from safetensors.numpy import save
-
-    from tf_lora.adapters import _atomic_write
 
     weights = save(tensors, metadata={"format": "pt"})
     text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")

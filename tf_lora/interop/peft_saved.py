@@ -19,8 +19,8 @@ import keras
 import numpy as np
 
 from tf_lora.config import LoRAConfig, matches
-from tf_lora.peft_files import ROOT
-from tf_lora.peft_maps import NameMap
+from tf_lora.interop.peft_files import ROOT
+from tf_lora.interop.peft_maps import NameMap
 from tf_lora.surgery import walk
 
 
