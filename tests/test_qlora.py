@@ -50,6 +50,22 @@ def _f64(v):
     return np.asarray(v).astype(np.float64)
 
 
+def _nf4_kernel(kernel, group_size=64, double_quant=True, equation=None):
+    """NumPy reference of the kernel a QLoRA layer computes with: NF4 (`nf4.quantize`, equal to
+    bitsandbytes) of the torch weight the layer stands for, back in Keras layout. Dense (in, out):
+    ``kernel.T``; EinsumDense: the ``nn.Linear`` weight (out_features, in_features), the kernel's
+    output axes and contracted axes each flattened in kernel order."""
+    if equation is None:
+        return nf4.dequantize(nf4.quantize(kernel, group_size, double_quant)).numpy()
+    lhs, out = equation.replace(" ", "").split("->")
+    x_sub, k_sub = lhs.split(",")
+    ins = [i for i, c in enumerate(k_sub) if c in x_sub and c not in out]
+    perm = ins + [i for i, c in enumerate(k_sub) if c in out and c not in x_sub]
+    matrix = np.transpose(kernel, perm).reshape(math.prod(kernel.shape[i] for i in ins), -1)  # torch weight .T
+    dequantized = nf4.dequantize(nf4.quantize(matrix, group_size, double_quant)).numpy()
+    return np.transpose(dequantized.reshape([kernel.shape[i] for i in perm]), np.argsort(perm))
+
+
 @pytest.mark.parametrize(
     "group_size,double_quant,in_dim,units",
     [(64, True, 70, 16), (64, False, 70, 16), (16, True, 7, 9), (5, False, 7, 9)],
@@ -99,7 +115,7 @@ def test_qlora_einsum_dense_matches_numpy(equation, output_shape, bias_axes, inp
     base.build(input_shape)
     base.kernel.assign(_rand(*base.kernel.shape, seed=3))
     layer = QLoRAEinsumDense.from_layer(base, quantization=tf_lora.QLoRAConfig(group_size=8), rank=2, alpha=4)
-    w = nf4.dequantize(nf4.quantize(base.kernel.numpy(), 8)).numpy()
+    w = _nf4_kernel(base.kernel.numpy(), 8, equation=equation)
     np.testing.assert_array_equal(layer.base_kernel_value(), w)
     _randomize_adapters(layer)
     x = _rand(*input_shape, seed=9)
@@ -222,7 +238,7 @@ def test_merge_gives_plain_float_model():
     np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-4)
     plain = {path: layer for path, layer, _ in walk(merged)}
     for name, layer in _adapters(model).items():
-        expected = nf4.dequantize(layer.nf4_tensor()).numpy() + layer.lora_delta()
+        expected = layer.base_kernel_value() + layer.lora_delta()  # base_kernel_value: checked against NumPy above
         np.testing.assert_allclose(plain[name].kernel.numpy(), expected, rtol=1e-6, atol=1e-6)
     query = model.get_layer("mha/query")
     with pytest.raises(NotImplementedError, match=r"tf_lora\.merge\(model\)"):

@@ -3,7 +3,8 @@
 The base kernel lives in non-trainable variables holding `nf4.NF4Tensor`'s arrays:
 packed uint8 codes and the group scales (uint8 codes + float32 `nested_scale` and
 `offset` with double quantization, float32 `absmax` without), about 4.127 bits per
-parameter; no float copy of the kernel exists in the layer. `call` dequantizes it
+parameter; no float copy of the kernel exists in the layer (the storage, and which torch
+weight's flattening the NF4 groups follow, live in `qlora_storage`). `call` dequantizes it
 (TensorFlow ops, `jit_compile` safe) to the compute dtype under `tf.stop_gradient`, then
 runs the parent's LoRA computation unchanged: inputs and adapters get gradients, the
 4-bit storage never does. With ``QLoRAConfig(fake_quant=True)`` the layer keeps a float
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Any, List, Mapping, Tuple, Union
+from typing import Any, Tuple
 
 import keras
 import numpy as np
@@ -35,23 +36,13 @@ import tensorflow as tf
 from keras import ops
 
 from tf_lora import _compat, nf4
-from tf_lora.config import QLoRAConfig
-from tf_lora.layers.lora import LoRADense, LoRAEinsumDense, _invalid
+from tf_lora.layers.lora import LoRADense, LoRAEinsumDense
+from tf_lora.layers.qlora_storage import _as_quantization, _EinsumLinearLayout, _NF4Storage  # noqa: F401
 
 # NF4 values of the high and low nibble of each of the 256 bytes: one gather unpacks two codes.
 _CODEBOOK = np.asarray(nf4.CODEBOOK, np.float32)
 _PAIR_TABLE = np.stack([_CODEBOOK[np.arange(256) >> 4], _CODEBOOK[np.arange(256) & 15]], axis=1)
 _DYNAMIC_MAP = np.asarray(nf4.DYNAMIC_MAP, np.float32)
-
-
-def _as_quantization(quantization: Any) -> QLoRAConfig:
-    if quantization is None:
-        return QLoRAConfig()
-    if isinstance(quantization, QLoRAConfig):
-        return quantization
-    if isinstance(quantization, Mapping):
-        return QLoRAConfig.from_dict(quantization)
-    raise TypeError(_invalid("quantization", "a tf_lora.QLoRAConfig, its to_dict() or None", quantization))
 
 
 class _Generation(threading.local):
@@ -111,94 +102,20 @@ def _scale_groups(values: tf.Tensor, scales: tf.Tensor, group_size: int, n: int)
     return out if padded == n else out[:n]
 
 
-class _NF4Base:
-    """The NF4 storage, dequantization, merge rules and hooks shared by both layers.
-
-    It replaces the parents' `_build_kernel` (a float kernel) with NF4 storage;
-    subclasses read the base kernel through `_base_kernel()`.
+class _NF4Base(_NF4Storage):
+    """The NF4 dequantization and compute shared by the QLoRA layers, on the storage of
+    `qlora_storage._NF4Storage`; subclasses read the base kernel through `_base_kernel()`.
     """
-
-    @classmethod
-    def from_layer(cls, layer, quantization: Union[QLoRAConfig, Mapping, None] = None, rank: int = 8,
-                   alpha: float = 32.0, dropout: float = 0.0, use_rslora: bool = False,
-                   lora_init: str = "he_uniform", **kwargs):
-        """A built adapter with `layer`'s name, dtype policy, bias and NF4-quantized kernel
-        (or table), for every QLoRA class: the float class's `from_layer` plus `quantization`.
-
-        `layer` is not modified. Raises `ValueError` naming the layer if its kernel holds NaN/Inf.
-        """
-        return super().from_layer(
-            layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            lora_init=lora_init, quantization=_as_quantization(quantization), **kwargs,
-        )
-
-    def __init__(self, *args, quantization: Union[QLoRAConfig, Mapping, None] = None, **kwargs):
-        quantization = _as_quantization(quantization)
-        super().__init__(*args, **kwargs)
-        self.quantization = quantization
-        if self.merged and not self.quantization.fake_quant:
-            raise NotImplementedError(
-                f"Received merged=True for layer '{self.name}' with 4-bit storage: an NF4 base "
-                "cannot hold a merged LoRA update. Use QLoRAConfig(fake_quant=True) or tf_lora.merge()."
-            )
-        self.kernel_shape = None
-
-    @property
-    def fake_quant(self) -> bool:
-        return self.quantization.fake_quant
 
     @property
     def base_compute_dtype(self) -> str:
         """The dtype the base kernel is dequantized to and multiplied in."""
         return self.quantization.compute_dtype or self.compute_dtype
 
-    def _build_kernel(self, kernel_shape) -> None:
-        self.kernel_shape = tuple(int(d) for d in kernel_shape)
-        # autocast=False: the scales (and the fake-quant kernel) are read in float32
-        # under mixed precision; the result is cast to the compute dtype once.
-        if self.fake_quant:
-            self.kernel = self.add_weight(
-                name="kernel", shape=self.kernel_shape, initializer=self.kernel_initializer,
-                constraint=self.kernel_constraint, trainable=False, autocast=False,
-            )
-            return
-        n, cfg = math.prod(self.kernel_shape), self.quantization
-        groups = -(-n // cfg.group_size)
-        add = lambda name, shape, dtype: self.add_weight(  # noqa: E731
-            name=name, shape=shape, dtype=dtype, initializer="zeros", trainable=False, autocast=False
-        )
-        self.nf4_codes = add("nf4_codes", ((n + 1) // 2,), "uint8")
-        self.nf4_absmax = add("nf4_absmax", (groups,), "uint8" if cfg.double_quant else "float32")
-        if cfg.double_quant:
-            nested = -(-groups // nf4.NESTED_GROUP_SIZE)
-            self.nf4_nested_scale = add("nf4_nested_scale", (nested,), "float32")
-            self.nf4_offset = add("nf4_offset", (), "float32")
-
     # -- the base kernel -------------------------------------------------
-    def storage_variables(self) -> List[keras.Variable]:
-        """The variables holding the frozen base kernel (4-bit codes and scales)."""
-        if self.fake_quant:
-            return [self.kernel]
-        names = ("codes", "absmax") + (("nested_scale", "offset") if self.quantization.double_quant else ())
-        return [getattr(self, f"nf4_{name}") for name in names]
-
-    def base_parameter_count(self) -> int:
-        """Number of base kernel parameters `storage_variables` represent."""
-        return math.prod(self.kernel_shape)
-
-    def nf4_tensor(self) -> nf4.NF4Tensor:
-        """The stored 4-bit kernel as an `nf4.NF4Tensor` of NumPy arrays."""
-        if self.fake_quant:
-            raise NotImplementedError(f"Layer '{self.name}' uses fake_quant: it stores a float kernel, not NF4 codes.")
-        arrays = {v.name[len("nf4_"):]: ops.convert_to_numpy(v) for v in self.storage_variables()}
-        cfg = self.quantization
-        return nf4.NF4Tensor.from_dict(
-            {**arrays, "shape": self.kernel_shape, "group_size": cfg.group_size, "double_quant": cfg.double_quant}
-        )
-
     def _dequantize(self) -> tf.Tensor:
-        """float32 kernel in torch layout (out, ...): the kernel's last axis first (made once
-        per graph inside `dequantize_once()`)."""
+        """float32 kernel in torch layout (out, ...), shape `_torch_shape()` (made once per
+        graph inside `dequantize_once()`)."""
         return _reused(self, "float32", self._dequantize_now)
 
     def _dequantize_now(self) -> tf.Tensor:
@@ -213,7 +130,7 @@ class _NF4Base:
         else:
             scales = tf.convert_to_tensor(self.nf4_absmax)
         kernel = _scale_groups(values, scales, cfg.group_size, n)
-        return tf.reshape(kernel, [self.kernel_shape[-1], *self.kernel_shape[:-1]])
+        return tf.reshape(kernel, self._torch_shape())
 
     def _base_kernel(self) -> Tuple[tf.Tensor, bool]:
         """``(kernel, torch_layout)``: what `_base_call` multiplies with, in `base_compute_dtype`.
@@ -226,7 +143,7 @@ class _NF4Base:
         if self.fake_quant:
             kernel = tf.convert_to_tensor(self.kernel)
             if not self.merged:
-                kernel = nf4.fake_quant(kernel, self.quantization.group_size, self.quantization.double_quant)
+                kernel = self._fake_quant(kernel)
             return tf.cast(kernel, dtype), False
         return _reused(self, dtype, lambda: tf.stop_gradient(tf.cast(self._dequantize(), dtype))), True
 
@@ -265,109 +182,19 @@ class _NF4Base:
         if self.fake_quant:
             kernel = tf.convert_to_tensor(self.kernel)
             if not self.merged:
-                kernel = nf4.fake_quant(kernel, self.quantization.group_size, self.quantization.double_quant)
+                kernel = self._fake_quant(kernel)
             return kernel
-        torch_layout = self._dequantize()
-        return tf.transpose(torch_layout, [*range(1, len(self.kernel_shape)), 0])
+        return tf.transpose(self._dequantize(), self._torch_to_kernel_perm())
 
     def _norm_kernel(self):
         """DoRA's norm reads the kernel the layer computes with (dequantized, Keras layout)."""
         return self._regularized_kernel()
-
-    def _store_base(self, kernel: np.ndarray) -> None:
-        self._set_base_kernel(kernel, self.name)
-
-    def _quant_dequant(self, kernel: np.ndarray) -> np.ndarray:
-        """``dequantize(quantize(kernel))`` with this layer's NF4 settings (LoftQ alternates with it)."""
-        cfg = self.quantization
-        return ops.convert_to_numpy(nf4.dequantize(nf4.quantize(kernel, cfg.group_size, cfg.double_quant, name=self.name)))
 
     def _cast_in(self, inputs):
         return tf.cast(inputs, self.base_compute_dtype)
 
     def _cast_out(self, outputs):
         return tf.cast(outputs, self.compute_dtype)
-
-    def base_kernel_value(self) -> np.ndarray:
-        """The base kernel the layer computes with, float32 NumPy in Keras layout."""
-        if not self.fake_quant:
-            return ops.convert_to_numpy(nf4.dequantize(self.nf4_tensor()))
-        kernel = ops.convert_to_numpy(self.kernel).astype(np.float32)
-        if self.merged:
-            return kernel
-        cfg = self.quantization
-        return ops.convert_to_numpy(nf4.fake_quant(kernel, cfg.group_size, cfg.double_quant))
-
-    def _set_base_kernel(self, kernel: Any, source_name: str) -> None:
-        """`kernel`: an array, tensor or variable (`nf4.quantize` reads it a slice at a time)."""
-        if not self.fake_quant:
-            cfg = self.quantization
-            q = nf4.quantize(kernel, cfg.group_size, cfg.double_quant, name=source_name)
-            for var in self.storage_variables():
-                var.assign(q.arrays[var.name[len("nf4_"):]])
-            return
-        kernel = np.asarray(kernel)
-        if kernel.dtype.kind == "f" and not np.isfinite(kernel).all():
-            raise ValueError(
-                f"Cannot quantize the kernel of layer '{source_name}': it contains "
-                f"{int(kernel.size - np.isfinite(kernel).sum())} NaN or Inf values."
-            )
-        self.kernel.assign(kernel)
-
-    def _copy_base_weights(self, layer) -> None:
-        # The variable itself, not a NumPy copy: quantizing reads it a slice at a time.
-        self._set_base_kernel(layer.kernel, layer.name)
-        if self.bias is not None:
-            self.bias.assign(ops.convert_to_numpy(layer.bias))
-
-    # -- merge -----------------------------------------------------------
-    def _no_merge(self, what: str) -> None:
-        if not self.fake_quant:
-            raise NotImplementedError(
-                f"Cannot {what} layer '{self.name}': its base kernel is stored in NF4 (4 bits), "
-                "which cannot hold the LoRA update exactly. Use `tf_lora.merge(model)` for a plain "
-                "float model with the dequantized kernel plus the LoRA update (or "
-                "QLoRAConfig(fake_quant=True), whose float kernel can be merged in place)."
-            )
-
-    def merge(self) -> None:
-        """Folds the LoRA update into the kernel: only in `fake_quant` mode.
-
-        The merged kernel is ``fake_quant(kernel) + scaling * lora_a @ lora_b`` and is used
-        as is (not quantized again); `unmerge` leaves the fake-quantized kernel, which with
-        double quantization does not give the pre-merge outputs exactly (see `unmerge`).
-
-        Raises:
-            NotImplementedError: with 4-bit storage; use `tf_lora.merge(model)` instead.
-        """
-        self._no_merge("merge")
-        super().merge()
-
-    def unmerge(self) -> None:
-        """Takes the LoRA update out of a merged `fake_quant` kernel; exact only without double quantization.
-
-        The float kernel afterwards is ``fake_quant(W)`` (up to float32 rounding), not
-        the original `W`, and the forward pass fake-quantizes it again. Without double
-        quantization NF4 is idempotent, so the outputs are restored up to float32
-        rounding. With it (the default) they are not: the group scales are quantized
-        to 8 bits a second time, around a new mean, so each element of the kernel the
-        layer computes with moves by at most half a step of the 8-bit scale code,
-        ``0.5 * max(diff(nf4.DYNAMIC_MAP)) * nested_scale`` (about 0.007 times the
-        nested scale of its block of 256 groups), per merge/unmerge cycle. That is a
-        worst case; typically the move is ~1e-4 of the group's scale, but it repeats
-        in the same direction, so cycles accumulate. To switch adapters without this
-        drift, do not merge in place; use `tf_lora.merge(model)` for a merged copy.
-
-        Raises:
-            NotImplementedError: with 4-bit storage (nothing to unmerge).
-        """
-        self._no_merge("unmerge")
-        super().unmerge()
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config["quantization"] = self.quantization.to_dict()
-        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
@@ -413,10 +240,20 @@ class QLoRADense(_NF4Base, LoRADense):
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
-class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
+class QLoRAEinsumDense(_EinsumLinearLayout, _NF4Base, LoRAEinsumDense):
     """`LoRAEinsumDense` whose frozen kernel is stored in NF4 (see `QLoRADense`).
 
-    Groups follow bitsandbytes' order over the kernel with its last axis moved first.
+    Groups follow bitsandbytes' order over the ``nn.Linear`` weight the einsum equals,
+    (out_features, in_features) with the kernel's output axes and contracted axes each
+    flattened in kernel order (Hugging Face's q/k/v/o_proj weights for KerasHub's attention
+    kernels), so the codes equal bitsandbytes' for that weight (`qlora_storage`).
+
+    Args:
+        equation, output_shape, ...: as for `LoRAEinsumDense`.
+        quantization: as for `QLoRADense`.
+        nf4_layout: ``"linear"`` (default), or ``"last_axis_first"``: groups over the kernel
+            with its last axis moved first, the layout of layers saved before ``"linear"``
+            existed (their configs load with it).
 
     Example:
         >>> layer = QLoRAEinsumDense("abc,cde->abde", (None, 2, 3), rank=2)
@@ -428,7 +265,7 @@ class QLoRAEinsumDense(_NF4Base, LoRAEinsumDense):
         super().__init__(equation, output_shape, *args, **kwargs)
         lhs, out = equation.replace(" ", "").split("->")
         x_sub, k_sub = lhs.split(",")
-        k_torch = f"{k_sub[-1]}{k_sub[:-1]}"
+        k_torch = "".join(k_sub[i] for i in self._torch_axes(len(k_sub)))
         self._torch_equation = f"{x_sub},{k_torch}->{out}"
         # dx = einsum(dy, K): possible when each input axis is an output or a kernel axis.
         letters = set(x_sub.replace(".", ""))
