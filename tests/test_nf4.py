@@ -467,3 +467,12 @@ def test_offset_alias_and_nf4tensor_validation():
         nf4.NF4Tensor.from_dict({**config, "nested_scale": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match="codes"):
         nf4.NF4Tensor.from_dict({**config, "shape": (71, 34)})
+
+
+def test_bitsandbytes_conversion_module_is_reexported():
+    """`nf4.to_bitsandbytes` / `nf4.from_bitsandbytes` live in `tf_lora.nf4_bitsandbytes`; the old
+    names keep working."""
+    from tf_lora import nf4_bitsandbytes
+
+    assert nf4.to_bitsandbytes is nf4_bitsandbytes.to_bitsandbytes
+    assert nf4.from_bitsandbytes is nf4_bitsandbytes.from_bitsandbytes
