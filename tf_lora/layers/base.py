@@ -1,90 +1,37 @@
-"""The adapter-layer base class: rank, scaling, several named adapters, merge.
+"""The adapter-layer base class: rank, scaling, several named adapters.
 
 `LoRALayer` holds what every adapter layer shares; `layers/lora.py` (float
 base) and `layers/qlora.py` (NF4 base) build on it. Subclasses create the
 frozen base weights in `build`, call `_build_lora` with the kernel's
 input-side and output-side shapes, and implement `_base_call`, `_lora_apply`
-and `base_kernel_value`.
+and `base_kernel_value`. Merging and the base-rewriting inits are in
+`layers/base_merge.py`, the base weights' adoption, regularizers and constraints in
+`layers/base_weights.py`, the hyper-parameter checks in `layers/spec.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
 from typing import Any, Optional, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
-from tf_lora import _compat, variants
+from tf_lora import _compat
 from tf_lora.layers import dora
-
-_INITS = ("he_uniform", "gaussian", "pissa", "olora", "loftq")
-BASE_REWRITING_INITS = ("pissa", "olora", "loftq")  # the frozen base becomes a residual
-DEFAULT_ADAPTER = "default"
-# Constructor arguments copied from the adapted layer and handed back by to_base_layer.
-_WEIGHT_OPTIONS = ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
-                   "kernel_constraint", "bias_constraint")
-# The frozen base weights an adapter may adopt from the layer it is built from: the names
-# under which both the Keras layer and the adapter hold them (and create them in `build`).
-_BASE_WEIGHTS = ("kernel", "bias", "embeddings", "reverse_embeddings")
-# The ids of the layers whose adapters adopt their base weights (`adopting_base_weights`).
-_ADOPTING: contextvars.ContextVar = contextvars.ContextVar("tf_lora_adopting", default=frozenset())
+from tf_lora.layers.base_merge import MergeMixin
+from tf_lora.layers.base_weights import _WEIGHT_OPTIONS, BaseWeightsMixin, adopting_base_weights  # noqa: F401
+from tf_lora.layers.spec import (  # noqa: F401  (imported from here by the layer modules)
+    _INITS,
+    BASE_REWRITING_INITS,
+    DEFAULT_ADAPTER,
+    _adapter_spec,
+    _invalid,
+    _scaling,
+)
 
 
-@contextlib.contextmanager
-def adopting_base_weights(layer):
-    """Inside, an adapter that `from_layer` builds from `layer` adopts `layer`'s base
-    weights (kernel or embeddings table, bias, an untied `reverse_embeddings`): the very
-    variables become the adapter's frozen base, with no new variable and no copy of the
-    values (`LoRALayer.add_weight`). A variable whose shape, dtype or autocast differs from
-    what the adapter would create, and every base weight under a base-rewriting init
-    (pissa/olora/loftq, which would overwrite `layer`'s values), is copied as outside.
-
-    Adopting changes the variables' settings to the adapter's (``trainable=False``, no
-    regularizer, the adapter's constraint); the caller records and restores them if the
-    adapter is dropped. It is for replacing `layer` in place (`adapt(inplace=True)`); a
-    copied model shares its targets' variables with the original, where adopting them
-    would let an adapter's `merge()` change the original model.
-    """
-    token = _ADOPTING.set(_ADOPTING.get() | {id(layer)})
-    try:
-        yield
-    finally:
-        _ADOPTING.reset(token)
-
-
-def _invalid(name: str, expected: str, value: Any) -> str:
-    return (
-        f"Received an invalid value for `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
-
-
-def _adapter_spec(rank=8, alpha=32.0, dropout=0.0, use_rslora=False, lora_init="he_uniform",
-                  use_dora=False) -> dict:
-    """Validated hyper-parameters of one adapter."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(_invalid("rank", "a positive integer", rank))
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(_invalid("alpha", "a positive number", alpha))
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(_invalid("dropout", "a float in [0, 1)", dropout))
-    if lora_init not in _INITS:
-        raise ValueError(_invalid("lora_init", f"one of {_INITS}", lora_init))
-    if not isinstance(use_dora, bool):
-        raise TypeError(_invalid("use_dora", "a bool", use_dora))
-    return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout),
-            "use_rslora": bool(use_rslora), "lora_init": lora_init, "use_dora": use_dora}
-
-
-def _scaling(rank: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / (math.sqrt(rank) if use_rslora else rank)
-
-
-class LoRALayer(keras.layers.Layer):
+class LoRALayer(MergeMixin, BaseWeightsMixin, keras.layers.Layer):
     """Common part of every adapter layer: rank, scaling, lora_a/lora_b, merge.
 
     Subclasses create the frozen base weights in `build`, call `_build_lora`
@@ -220,56 +167,6 @@ class LoRALayer(keras.layers.Layer):
             self._make_adapter(name, spec)
         self._set_trainable_flags()
 
-    # -- DoRA magnitude and base-rewriting inits ----------------------------
-    def reset_magnitude(self, name: Optional[str] = None) -> None:
-        """Sets DoRA's ``lora_magnitude`` of adapter `name` (default: the active one) to
-        ``||W + s A B||``, so that the layer's outputs equal those without DoRA."""
-        name = self.active_adapter if name is None else name
-        to_lora = lambda k: np.asarray(self._to_lora_layout(k))  # noqa: E731
-        norm = dora.np_weight_norm(to_lora(self.base_kernel_value()), to_lora(self.lora_delta(name)),
-                                   len(self._lora_shapes[0]))
-        self._magnitudes[name].assign(norm)
-
-    def _store_base(self, kernel: np.ndarray) -> None:
-        """Replaces the frozen base kernel (QLoRA layers quantize it)."""
-        self.kernel.assign(kernel)
-
-    _quant_dequant = None  # QLoRA layers: kernel -> dequantize(quantize(kernel)), what LoftQ alternates with
-
-    def _init_from_source(self, kernel: Any, loftq_iter: int = 1) -> None:
-        """Called by `from_layer` once the base is copied: applies a base-rewriting init
-        of the default adapter from the source's float `kernel`, then sets the DoRA
-        magnitudes to the norm of the adapted kernel."""
-        if self.lora_init in BASE_REWRITING_INITS:
-            self._rewrite_base(np.asarray(ops.convert_to_numpy(kernel), np.float32), loftq_iter)
-        for name in self._magnitudes:
-            self.reset_magnitude(name)
-
-    @staticmethod
-    def check_rewrite_rank(rank: int, n_in: int, n_out: int, lora_init: str, where: str) -> None:
-        """A base-rewriting init splits the (n_in x n_out) kernel matrix: `rank` <= min(n_in, n_out)."""
-        if rank > min(n_in, n_out):
-            raise ValueError(_invalid("rank", f"at most {min(n_in, n_out)} for init={lora_init!r} on layer "
-                                      f"'{where}' (its kernel is a {n_in} x {n_out} matrix)", rank))
-
-    def _rewrite_base(self, kernel: np.ndarray, loftq_iter: int) -> None:
-        (in_shape, out_shape), r = self._lora_shapes, self.rank
-        n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-        self.check_rewrite_rank(r, n_in, n_out, self.lora_init, self.name)
-        to_mat = lambda k: np.asarray(self._to_lora_layout(k)).reshape(n_in, n_out)  # noqa: E731
-        from_mat = lambda m: self._delta_to_kernel_layout(np.reshape(m, in_shape + out_shape))  # noqa: E731
-        w = to_mat(kernel)
-        if self.lora_init == "loftq":
-            if self._quant_dequant is None:
-                raise ValueError(_invalid("lora_init", f"'loftq' only on a QLoRA (NF4) layer, not {type(self).__name__}",
-                                          self.lora_init))
-            residual, a, b = variants.loftq(w, r, self.scaling, lambda m: to_mat(self._quant_dequant(from_mat(m))), loftq_iter)
-        else:
-            residual, a, b = getattr(variants, self.lora_init)(w, r, self.scaling)
-        self._store_base(from_mat(residual))
-        a, b = a.reshape(in_shape + (r,)), b.reshape((r,) + out_shape)
-        for var, value in zip((self.lora_a, self.lora_b, *self._init_pairs[DEFAULT_ADAPTER]), (a, b, a, b)):
-            var.assign(value)
 
     # -- several adapters --------------------------------------------------
     def adapter_variables(self, name: Optional[str] = None) -> tuple:
@@ -389,167 +286,6 @@ class LoRALayer(keras.layers.Layer):
         """The default adapter's update for `inputs` (no dropout)."""
         return self._lora_apply(inputs, self.lora_a, self.lora_b, self.scaling)
 
-    # -- merge / unmerge -------------------------------------------------
-    def lora_delta(self, name: Optional[str] = None) -> np.ndarray:
-        """``scaling * lora_a @ lora_b`` of adapter `name` (default: the active
-        one; zero when none is active) in the kernel's layout, NumPy float32."""
-        name = self.active_adapter if name is None else name
-        if name is None:
-            return np.zeros_like(self.base_kernel_value())
-        spec = self._spec(name)
-        a, b = (ops.convert_to_numpy(v).astype(np.float32) for v in self.adapter_variables(name))
-        delta = np.tensordot(a, b, axes=([a.ndim - 1], [0])) * np.float32(_scaling(spec["rank"], spec["alpha"], spec["use_rslora"]))
-        return self._delta_to_kernel_layout(delta)
-
-    def _delta_to_kernel_layout(self, delta: np.ndarray) -> np.ndarray:
-        return delta
-
-    # -- layout hooks (DoRA, inits): "LoRA layout" is (input-side axes..., output-side axes...)
-    def _to_lora_layout(self, kernel):
-        """The kernel (tensor or array) permuted to LoRA layout (a Dense kernel is already)."""
-        return kernel
-
-    def _broadcast_out(self, values):
-        """`values` shaped like the output-side axes, broadcastable against the outputs."""
-        return values
-
-    def _norm_kernel(self):
-        """The base kernel DoRA's norm uses, Keras layout (QLoRA: dequantized)."""
-        return self.kernel
-
-    def merged_delta(self, name: Optional[str] = None) -> np.ndarray:
-        """What a merge adds to the base kernel for adapter `name` (default: the active
-        one): `lora_delta`, or with DoRA ``m * (W + dW) / ||W + dW|| - W``."""
-        name = self.active_adapter if name is None else name
-        delta = self.lora_delta(name)
-        magnitude = self._magnitudes.get(name) if name is not None else None
-        if magnitude is None:
-            return delta
-        kernel = self.base_kernel_value()
-        to_lora = lambda k: np.asarray(self._to_lora_layout(k))  # noqa: E731
-        merged = dora.np_dora_kernel(to_lora(kernel), to_lora(delta), ops.convert_to_numpy(magnitude), len(self._lora_shapes[0]))
-        return self._delta_to_kernel_layout(merged) - kernel
-
-    def merged_kernel(self) -> np.ndarray:
-        """The kernel a plain layer needs to give this layer's outputs."""
-        kernel = self.base_kernel_value()
-        return kernel if self.merged or self.active_adapter is None else kernel + self.merged_delta()
-
-    def merge(self) -> None:
-        """Folds the active adapter into the frozen kernel: ``scaling * lora_a @ lora_b``,
-        or with DoRA the whole ``m * (W + s A B) / ||W + s A B||``."""
-        if self.merged:
-            raise ValueError(f"Layer '{self.name}' is already merged; call unmerge() first.")
-        if self.active_adapter is None:
-            raise ValueError(f"Layer '{self.name}' has no active adapter to merge.")
-        if self.adapter_magnitude() is not None:
-            kernel, delta = self.base_kernel_value(), self.lora_delta()
-            norm = dora.np_weight_norm(np.asarray(self._to_lora_layout(kernel)), np.asarray(self._to_lora_layout(delta)),
-                                       len(self._lora_shapes[0]))
-            object.__setattr__(self, "_dora_merge_norm", norm)
-        self.kernel.assign(self.base_kernel_value() + self.merged_delta())
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Takes the LoRA update out of the kernel again: ``kernel - scaling * lora_a @ lora_b``.
-
-        For a float kernel this restores it, and the outputs, up to float32
-        rounding (the subtraction is not bit-exact). A layer whose forward pass
-        transforms its stored kernel states its own bound: for fake-quant
-        `QLoRADense` / `QLoRAEinsumDense` with double quantization merge ->
-        unmerge is not exact (see their `unmerge`).
-        """
-        if not self.merged:
-            raise ValueError(f"Layer '{self.name}' is not merged; nothing to unmerge.")
-        magnitude = self.adapter_magnitude()
-        if magnitude is None:
-            self.kernel.assign(self.base_kernel_value() - self.lora_delta())
-        elif self._dora_merge_norm is None:
-            raise NotImplementedError(
-                f"Cannot unmerge DoRA layer '{self.name}': the norm ||W + s*A@B|| it was merged with is not "
-                "known in this process (merged elsewhere, then saved); rebuild it from the unmerged model.")
-        else:  # W = W' * n / m - s A B, with the norm n kept from merge()
-            m = ops.convert_to_numpy(magnitude).astype(np.float64)
-            ratio = np.where(m != 0, self._dora_merge_norm / np.where(m != 0, m, 1.0), 0.0)
-            total = np.asarray(self._to_lora_layout(self.base_kernel_value())) * ratio
-            self.kernel.assign(self._delta_to_kernel_layout(total.astype(np.float32)) - self.lora_delta())
-            object.__setattr__(self, "_dora_merge_norm", None)
-        self.merged = False
-
-    # -- regularizers and constraints ------------------------------------------
-    def _get_own_losses(self):
-        # Keras' Model.losses collects this per layer; its weight regularizers only cover
-        # trainable variables (Layer._get_regularization_losses), and the base weights are
-        # frozen, so theirs are added here. Pinned by tests/test_lora.py (regularizers test).
-        losses = super()._get_own_losses()
-        return losses + self.base_regularization_losses() if self.built else losses
-
-    def base_regularization_losses(self) -> list:
-        """``[kernel_regularizer(kernel), bias_regularizer(bias)]`` of the stored base
-        weights (those set), part of `losses`; constant while the base is frozen."""
-        out = []
-        if self.kernel_regularizer is not None:
-            out.append(self.kernel_regularizer(self._regularized_kernel()))
-        if self.bias_regularizer is not None and getattr(self, "bias", None) is not None:
-            out.append(self.bias_regularizer(self.bias))
-        return out
-
-    def _regularized_kernel(self):
-        """The base kernel `kernel_regularizer` sees (Keras layout, float32)."""
-        return self.kernel
-
-    @staticmethod
-    def _weight_options_of(layer, overrides: dict) -> dict:
-        """`layer`'s regularizers and constraints, except those `overrides` gives."""
-        return {**{k: getattr(layer, k, None) for k in _WEIGHT_OPTIONS}, **overrides}
-
-    def _weight_options(self) -> dict:
-        """This layer's regularizers and constraints, as plain-layer arguments."""
-        return {k: getattr(self, k) for k in _WEIGHT_OPTIONS}
-
-    @classmethod
-    def source_input_shape(cls, layer) -> tuple:
-        """An input shape that builds this layer like the built `layer`."""
-        raise NotImplementedError
-
-    def build_like(self, layer) -> None:
-        """Builds this (deserialized) adapter with the shapes of built `layer`."""
-        self.build(self.source_input_shape(layer))
-
-    @contextlib.contextmanager
-    def _adopting(self, layer):
-        """Wraps `from_layer`'s `build` of this adapter from `layer`: inside
-        `adopting_base_weights(layer)`, and unless this adapter's init rewrites the base,
-        `add_weight` adopts `layer`'s own base variable of each name it creates."""
-        sources = {}
-        if id(layer) in _ADOPTING.get() and self.lora_init not in BASE_REWRITING_INITS:
-            owned = {id(v) for v in _compat.own_variables(layer)}
-            sources = {name: v for name in _BASE_WEIGHTS
-                       if isinstance(v := getattr(layer, name, None), keras.Variable) and id(v) in owned}
-        self.__dict__["_adopt_sources"] = sources
-        try:
-            yield
-        finally:
-            self.__dict__.pop("_adopt_sources", None)
-
-    def add_weight(self, *args, **kwargs):
-        """Keras' `add_weight`, except while `from_layer` adopts a source layer's base
-        weights (`_adopting`): then a weight of that name is the source's variable itself,
-        when it fits (`_compat.adopt_variable`)."""
-        sources = self.__dict__.get("_adopt_sources")
-        source = sources.pop(kwargs.get("name"), None) if sources and not args else None
-        if source is not None:
-            options = {k: kwargs[k] for k in ("trainable", "autocast", "regularizer", "constraint") if k in kwargs}
-            dtype = kwargs.get("dtype") or self.variable_dtype
-            if _compat.adopt_variable(self, source, shape=kwargs.get("shape") or (), dtype=dtype, **options):
-                return source
-        return super().add_weight(*args, **kwargs)
-
-    @staticmethod
-    def _copy_weight(target, source) -> None:
-        """Gives `target` the value of `source`, unless it is `source` (adopted)."""
-        if target is not source:
-            target.assign(ops.convert_to_numpy(source))
 
     def base_kernel_value(self) -> np.ndarray:
         return ops.convert_to_numpy(self.kernel).astype(np.float32)
