@@ -238,7 +238,7 @@ def test_load_adapter_reads_a_peft_directory(tmp_path):
 
 def test_qlora_from_peft_reproduces_peft_with_bitsandbytes_nf4():
     """PEFT + bitsandbytes NF4 (blocksize 64, double quantization) on the MLP projections
-    (make_peft_fixtures.make_qlora says why attention stays float there)."""
+    (attention projections: tests/test_qlora_peft_layout.py)."""
     ref = np.load(_dir("llama_qlora", "ref.npz"))
     lm = M.Llama3CausalLM(M.Llama3Backbone.from_preset(_dir("llama_qlora", "base")), preprocessor=None)
     x = _inputs("llama", ref["tokens"])

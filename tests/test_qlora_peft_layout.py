@@ -145,7 +145,7 @@ def _logits(model, tokens):
     return np.asarray(model({"token_ids": tokens, "padding_mask": np.ones_like(tokens)}))
 
 
-def test_from_peft_attention_only_qlora_equals_peft_with_bitsandbytes():
+def test_from_peft_attention_only_qlora_equals_peft_with_bitsandbytes(tmp_path):
     ref = np.load(os.path.join(FIXTURES, "llama_qlora", "ref_attention.npz"))
     directory = os.path.join(FIXTURES, "llama_qlora", "adapter_attention")
     lm = _llama_qlora()
@@ -158,6 +158,13 @@ def test_from_peft_attention_only_qlora_equals_peft_with_bitsandbytes():
     # Quantization matters at this size: the float import is far off.
     float_model = tf_lora.from_peft(lm, directory)
     assert np.max(np.abs(_logits(float_model, ref["tokens"]) - ref["peft_logits"])) > 0.02
+    # Export: the QLoRA model saves PEFT's adapter back unchanged (same keys, equal tensors).
+    tf_lora.save_adapter(model, str(tmp_path / "out"), format="peft")
+    original = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    exported = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
 # -- layers saved before the linear layout ------------------------------------------------------------------

@@ -306,7 +306,8 @@ def from_peft(model: keras.Model, directory: str, inplace: bool = False,
         inplace: As for `tf_lora.adapt`.
         quantization: A `tf_lora.QLoRAConfig` to store the adapted layers' base weights in
             NF4 (QLoRA): an adapter trained with PEFT on a bitsandbytes NF4 model (blocksize
-            64, double quantization) then computes what it computes there.
+            64, double quantization) then computes what it computes there, on MLP and attention
+            projections alike (each kernel's codes are bitsandbytes' for the Hugging Face weight).
 
     Returns:
         The adapted model: adapters sit on exactly the layers the adapter targets, its
