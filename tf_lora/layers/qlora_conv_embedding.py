@@ -1,7 +1,7 @@
 """QLoRA (NF4 base) versions of the embedding and conv adapters, on qlora.py's `_NF4Base`.
 
-Conv: the kernel (k..., in, out) is stored as `QLoRAEinsumDense` stores its kernel
-(groups over the kernel with its last axis moved first); `call` dequantizes it and
+Conv: the kernel (k..., in, out) is stored in `qlora_storage`'s default layout (groups over
+the kernel with its last axis moved first, (out, k..., in)); `call` dequantizes it and
 moves the output axis back (one transpose per step) before the convolution.
 
 Embedding: the table (vocab, dim) is stored row-major, i.e. in the layout
