@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from tf_lora.adapt import all_linear_skips
+from tf_lora.targets import all_linear_skips
 from tf_lora.checkpointing import checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing
 from tf_lora.config import LoRAConfig, matches
 from tf_lora.train import AdaptedModel, LoRAModel
