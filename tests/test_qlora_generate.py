@@ -73,3 +73,50 @@ def test_training_after_generate(model):
     lm.fit(x, ids, epochs=1, verbose=0)
     after = [np.asarray(la.lora_a) for la in lm._flatten_layers() if isinstance(la, qlora._NF4Base)]
     assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def _batch():
+    ids = np.asarray(PROMPT, "int32")
+    return {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}, ids
+
+
+def test_fit_traces_the_train_step_once(model):
+    # The optimizer's state is built before the first trace: a tf.function that creates variables
+    # on its first call is traced twice (issue 23: twice ~60,000 ops for SmolLM2 all-linear QLoRA).
+    lm, _ = model
+    lm.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    traces, train_step = [], lm.train_step
+    object.__setattr__(lm, "train_step", lambda data: traces.append(1) or train_step(data))
+    try:
+        x, y = _batch()
+        lm.fit(x, y, batch_size=2, epochs=2, verbose=0)
+    finally:
+        object.__delattr__(lm, "train_step")
+    assert len(traces) == 1
+    assert len(lm.optimizer.variables) == 2 * len(lm.lora_variables) + 2  # m, v per variable; iterations, lr
+
+
+def test_train_graph_calls_one_dequantize_function_per_kernel_shape(model):
+    # Each dequantization (forward and backward of 14 layers) is one call of a function shared by
+    # every layer of its kernel shape, not a copy of its ops: the train step traces faster.
+    import tensorflow as tf
+
+    lm, _ = model
+    layers = [la for la in lm._flatten_layers() if isinstance(la, qlora._NF4Base)]
+    x, _ = _batch()
+
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(lm(x, training=True), "float32") ** 2)
+        return tape.gradient(loss, lm.lora_variables)
+
+    graph = gradients.get_concrete_function().graph
+    called = [op.get_attr("f").name for op in graph.get_operations()
+              if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    shapes = {tuple(la._torch_shape()) for la in layers}
+    assert len(called) == 2 * len(layers)
+    assert len(set(called)) == len(shapes)
+    table_gathers = [op for op in graph.get_operations() if op.type == "GatherV2" and
+                     op.inputs[0].shape.as_list() in ([256, 2], [256])]
+    assert table_gathers == []
