@@ -259,3 +259,14 @@ def test_mirrored_strategy_fit_with_both_chunked_paths_equals_single_device():
     print("mirrored:", result)
     np.testing.assert_allclose(losses["mirrored"], losses["plain"], rtol=REL)
     assert result["weights_rel"] <= REL, result
+
+
+def test_add_adapter_refuses_the_model_wide_chunked_loss():
+    """`loss="chunked"` (like `attention`) describes the shared model, not one adapter:
+    add_adapter used to accept it and silently train without it."""
+    model = _lm("gemma2_soft_capped", TIED)
+    for config in (dict(loss="chunked"), dict(loss="chunked", max_loss_memory=LOSS_BUDGET)):
+        with pytest.raises(ValueError, match=r"`loss`.*added adapter.*loss='chunked'"):
+            tf_lora.add_adapter(model, "task_b", tf_lora.LoRAConfig(rank=2, target_modules=TIED, **config))
+    assert model.adapter_names == ["default"] and "_tf_lora_chunked_loss" not in model.__dict__
+    tf_lora.add_adapter(model, "task_b", tf_lora.LoRAConfig(rank=2, target_modules=TIED))  # without it: fine

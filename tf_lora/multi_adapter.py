@@ -60,7 +60,7 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     Raises:
         TypeError: `model` is not an adapted model, or `config` not a `LoRAConfig`.
         ValueError: a taken or invalid `adapter_name`; `target_modules` matching none
-            of the model's adapter layers; `quantization`/`attention` set;
+            of the model's adapter layers; `quantization`/`attention`/`loss` set;
             ``use_dora=True`` on merged layers (a DoRA magnitude starts at the norm of
             the unmerged kernel: unmerge first); ``gradient_checkpointing=True`` on a
             model without blocks to checkpoint.
@@ -82,6 +82,10 @@ def add_adapter(model: LoRAModel, adapter_name: str, config: LoRAConfig) -> None
     if not shared_base or config.attention is not None:
         raise ValueError("Received `quantization`/`attention` for an added adapter: they describe the shared base "
                          "model; leave them unset (None) or equal to the model's.")
+    if config.loss is not None:  # the model's training loss, shared by every adapter
+        raise ValueError("Received an invalid value for `loss` for an added adapter, expected None: the chunked LM "
+                         "loss is a setting of the whole model (tf_lora.use_chunked_loss(model) or tf_lora.adapt). "
+                         f"Received: loss={config.loss!r}")
     from tf_lora.config import BASE_REWRITING_INITS
 
     if config.init in BASE_REWRITING_INITS:
