@@ -154,15 +154,26 @@ def test_layout_paths_exist():
     assert not absent, f"README.md's Layout section names paths that do not exist: {absent}"
 
 
+def _anchors(path):
+    """GitHub's heading anchors of a markdown file (lower case, punctuation dropped, spaces to hyphens)."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"^```.*?^```", "", f.read(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_relative_links_resolve(page):
+    """Links to files of the repository point at files that exist, and #anchors at headings that exist."""
     with open(os.path.join(ROOT, page), encoding="utf-8") as f:
         text = f.read()
     base = os.path.dirname(os.path.join(ROOT, page))
     broken = []
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
         if re.match(r"[a-z]+://", target):
             continue
-        if not os.path.exists(os.path.join(base, target)):
+        path = os.path.join(base, target) if target else os.path.join(ROOT, page)
+        if not os.path.exists(path):
             broken.append(target)
-    assert not broken, f"{page}: links to missing files: {broken}"
+        elif anchor and path.endswith(".md") and anchor not in _anchors(path):
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{page}: links to missing files or headings: {broken}"
