@@ -120,3 +120,50 @@ def test_train_graph_calls_one_dequantize_function_per_kernel_shape(model):
     table_gathers = [op for op in graph.get_operations() if op.type == "GatherV2" and
                      op.inputs[0].shape.as_list() in ([256, 2], [256])]
     assert table_gathers == []
+
+
+def test_train_step_grappler_options_apply_to_its_calls_only(model, monkeypatch):
+    # "auto" on a CPU-only machine: grappler off for the train function's calls, through the call's
+    # config_proto; TensorFlow's global optimizer options are never changed. {}: TF's defaults.
+    import contextlib
+
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    from tf_lora import _compat
+
+    def disabled():
+        config = config_pb2.ConfigProto.FromString(context.context().function_call_options.config_proto_serialized)
+        return config.graph_options.rewrite_options.disable_meta_optimizer
+
+    seen, original = [], _compat.graph_rewrites
+
+    @contextlib.contextmanager
+    def recording(rewrites):
+        with original(rewrites):
+            seen.append(disabled())
+            yield
+
+    monkeypatch.setattr(_compat, "graph_rewrites", recording)
+    lm, _ = model
+    x, y = _batch()
+    global_options = tf.config.optimizer.get_experimental_options()
+    accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
+    lm.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    lm.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert seen == ([] if accelerated else [True])
+    assert not disabled() and tf.config.optimizer.get_experimental_options() == global_options
+    object.__setattr__(lm, "train_graph_rewrites", {})
+    try:
+        lm.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        lm.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    finally:
+        object.__delattr__(lm, "train_graph_rewrites")
+    assert seen == ([] if accelerated else [True])
+    with pytest.raises(ValueError, match="train_graph_rewrites"):
+        object.__setattr__(lm, "train_graph_rewrites", "off")
+        try:
+            lm.make_train_function(force=True)
+        finally:
+            object.__delattr__(lm, "train_graph_rewrites")

@@ -624,3 +624,28 @@ def wrap_generate_functions(scope) -> None:
 
     make_generate_function._tf_lora_scope = scope
     CausalLM.make_generate_function = make_generate_function
+
+
+@contextlib.contextmanager
+def graph_rewrites(rewrites: dict):
+    """Within this context, the `tf.function`s this thread calls are optimized (grappler) with
+    `rewrites` (fields of TF's ``RewriterConfig``) over the context's config; fields the user
+    set away from their default keep the user's value. TF's global config is not changed: the
+    config travels in the thread's function call options, as the call's ``config_proto``."""
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context as tf_context
+
+    ctx = tf_context.context()
+    previous = ctx.function_call_options
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(previous.config_proto_serialized)
+    options = config.graph_options.rewrite_options
+    for key, value in rewrites.items():
+        if not getattr(options, key):  # 0 / False: TF's default, not set by the user
+            setattr(options, key, value)
+    ctx.function_call_options = tf_context.FunctionCallOptions(executor_type=previous.executor_type,
+                                                              config_proto=config)
+    try:
+        yield
+    finally:
+        ctx.function_call_options = previous
