@@ -4,9 +4,12 @@
 the label from the final hidden states and the model's own output projection (KerasHub's
 `ReversibleEmbedding` with ``reverse=True``: the tied token embedding or a separate head,
 soft-capped where the model is, with its LoRA/QLoRA adapters if any), a chunk of tokens at
-a time in a `tf.while_loop`. The backward pass (`tf.custom_gradient`) recomputes each
-chunk's logits, so at most one chunk's logits and their gradient exist at a time (the
-idea of Liger Kernel's FusedLinearCrossEntropy and of Cut Cross-Entropy).
+a time in a `tf.while_loop`, so at most one chunk's logits and their gradient exist at a
+time (the idea of Liger Kernel's FusedLinearCrossEntropy and of Cut Cross-Entropy). In
+training with a frozen projection (LoRA elsewhere), each chunk's gradient with respect to
+its hidden states is taken in the forward pass from the logits already there (as Liger
+does); with trained variables in the projection, the backward (`tf.custom_gradient`)
+recomputes each chunk's logits.
 
 `use_chunked_loss(model)` switches a KerasHub `CausalLM` to it for `fit` and `evaluate`:
 inside its train/test step the model returns the backbone's hidden states, `compute_loss`
@@ -47,10 +50,24 @@ def chunk_tokens(vocab_size: int, max_memory_bytes: Optional[int]) -> int:
     return budget // (4 * vocab_size)
 
 
+def _cross_entropy(z, y, with_d_z: bool):
+    """Per-row cross-entropy, argmax hits and (if asked) d loss / d z = softmax(z) - one_hot(y)
+    of (rows, vocab) logits, from TensorFlow's fused kernel (the one Keras' loss calls)."""
+    loss, d_z = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(features=z, labels=y)
+    hit = tf.cast(tf.equal(tf.argmax(z, -1, output_type=tf.int32), y), tf.float32)
+    return loss, hit, (d_z if with_d_z else None)
+
+
 @tf.autograph.experimental.do_not_convert
 def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_size: int = 128,
                          training: bool = False) -> Tuple[tf.Tensor, tf.Tensor]:
     """Per-token cross-entropy and argmax hits of ``layer(hidden, reverse=True)``, in chunks.
+
+    A single chunk (static token count) runs without a loop. In training, when none of
+    `layer`'s variables is trained, each chunk's gradient with respect to its hidden rows
+    is computed in the forward pass from the logits already there, and the backward only
+    scales it by each token's upstream gradient (a token's loss is a scalar); otherwise
+    the backward recomputes each chunk's logits.
 
     Args:
         hidden: (..., hidden_dim) final hidden states.
@@ -58,7 +75,7 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
         layer: The output projection, called as ``layer(h, reverse=True)`` on (chunk,
             hidden_dim) rows (a KerasHub `ReversibleEmbedding` or tf_lora's adapted one).
         trained: The variables of `layer` that get gradients; the others are constants.
-        chunk_size: Tokens per chunk.
+        chunk_size: Most tokens per chunk.
         training: Passed to `layer` (dropout of a LoRA adapter on it). Chunk ``i`` draws
             its dropout from the layer's seed state plus ``i`` (the same in the forward and
             the recomputation), and the state then advances past the chunks drawn.
@@ -78,10 +95,12 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
     depth = hidden.shape[-1]
     h = tf.reshape(hidden, [-1, depth])
     y = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    static_n = None if h.shape[0] is None else max(1, -(-h.shape[0] // chunk_size))
     tokens = tf.shape(y)[0]
-    n = (tokens + chunk_size - 1) // chunk_size
+    n = static_n if static_n is not None else (tokens + chunk_size - 1) // chunk_size
     h = tf.pad(h, [[0, n * chunk_size - tokens], [0, 0]])
     y = tf.pad(y, [[0, n * chunk_size - tokens]])
+    grad_in_forward = bool(training) and not trained
 
     def logits_of(h_i, values, i):
         chunk_seeds = [(v, s + tf.cast(tf.stack([0, i]), s.dtype)) for v, s in zip(seeds, seed_values)]
@@ -91,36 +110,52 @@ def chunked_token_losses(hidden, labels, layer, trained: Sequence = (), chunk_si
     def rows(x, i):
         return tf.slice(x, [i * chunk_size] + [0] * (x.shape.rank - 1), [chunk_size] + [-1] * (x.shape.rank - 1))
 
+    def loop(body, init):
+        """`body` over the chunks: called once without a loop for a single static chunk."""
+        if static_n == 1:
+            return body(0, *init)
+        return tf.while_loop(lambda i, *_: i < n, lambda i, *a: (i + 1, *body(i, *a)), (0, *init),
+                             parallel_iterations=1)[1:]
+
+    def chunk_grads(i, values, d_rows, with_values):
+        """Gradients of sum(d_rows * loss) of chunk `i` w.r.t. its hidden rows (and `values`)."""
+        h_i, y_i = rows(h, i), rows(y, i)
+        with tf.GradientTape() as tape:
+            tape.watch([h_i, *values])
+            z = logits_of(h_i, values, i)
+        loss, hit, d_z = _cross_entropy(z, y_i, True)
+        sources = [h_i, *values] if with_values else [h_i]
+        grads = tape.gradient(z, sources, output_gradients=d_z if d_rows is None else d_z * d_rows[:, None])
+        return loss, hit, [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, sources)]
+
     @tf.custom_gradient
     def run(h, *values):
-        def body(i, loss_ta, hit_ta):
-            y_i = rows(y, i)
-            z = logits_of(rows(h, i), values, i)
-            loss = tf.reduce_logsumexp(z, -1) - tf.gather(z, y_i, batch_dims=1)
-            hit = tf.cast(tf.equal(tf.argmax(z, -1, output_type=tf.int32), y_i), tf.float32)
-            return i + 1, loss_ta.write(i, loss), hit_ta.write(i, hit)
+        def body(i, loss_ta, hit_ta, *dh_ta):
+            if grad_in_forward:
+                loss, hit, (dh,) = chunk_grads(i, values, None, False)
+                dh_ta = (dh_ta[0].write(i, dh),)
+            else:
+                loss, hit, _ = _cross_entropy(logits_of(rows(h, i), values, i), rows(y, i), False)
+            return (loss_ta.write(i, loss), hit_ta.write(i, hit), *dh_ta)
 
         arrays = [tf.TensorArray(tf.float32, size=n, element_shape=[chunk_size]) for _ in range(2)]
-        _, loss_ta, hit_ta = tf.while_loop(lambda i, *_: i < n, body, (0, *arrays), parallel_iterations=1)
+        if grad_in_forward:  # d loss_t / d h_t of every token, (tokens, hidden_dim) like `h`
+            arrays.append(tf.TensorArray(h.dtype, size=n, element_shape=[chunk_size, depth]))
+        loss_ta, hit_ta, *dh_ta = loop(body, arrays)
 
         def grad(d_loss, _d_hits):
-            d_loss = tf.pad(tf.reshape(tf.cast(d_loss, tf.float32), [-1]), [[0, n * chunk_size - tokens]])
+            d_loss = tf.cast(d_loss, tf.float32)  # (n * chunk_size,): the padding's rows are zero
+            if grad_in_forward:
+                return [dh_ta[0].concat() * tf.cast(d_loss[:, None], h.dtype)]
 
-            def back(i, dh_ta, *acc):
-                h_i, y_i = rows(h, i), rows(y, i)
-                with tf.GradientTape() as tape:
-                    tape.watch([h_i, *values])
-                    z = logits_of(h_i, values, i)
-                # d loss / d z = softmax(z) - one_hot(label), per token times its upstream gradient
-                d_z = (tf.nn.softmax(z) - tf.one_hot(y_i, tf.shape(z)[-1])) * rows(d_loss, i)[:, None]
-                grads = tape.gradient(z, [h_i, *values], output_gradients=d_z)
-                grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, [h_i, *values])]
-                return (i + 1, dh_ta.write(i, grads[0]), *[a + g for a, g in zip(acc, grads[1:])])
+            def back(i, dh_back, *acc):
+                _, _, grads = chunk_grads(i, values, rows(d_loss, i), True)
+                return (dh_back.write(i, grads[0]), *[a + g for a, g in zip(acc, grads[1:])])
 
-            dh_ta = tf.TensorArray(h.dtype, size=n, element_shape=[chunk_size, depth])
-            init = (0, dh_ta, *[tf.zeros_like(v) for v in values])
-            _, dh_ta, *d_values = tf.while_loop(lambda i, *_: i < n, back, init, parallel_iterations=1)
-            return [dh_ta.concat(), *d_values]
+            init = (tf.TensorArray(h.dtype, size=n, element_shape=[chunk_size, depth]),
+                    *[tf.zeros_like(v) for v in values])
+            dh_back, *d_values = loop(back, init)
+            return [dh_back.concat(), *d_values]
 
         return (loss_ta.concat(), hit_ta.concat()), grad
 
@@ -142,6 +177,15 @@ def _seed_states(layer) -> list:
                 seen.add(id(value.state))
                 found.append(value.state)
     return found
+
+
+def _balanced(chunk_size: int, hidden) -> int:
+    """At most `chunk_size` tokens a chunk, as few chunks, the least padding (static shapes)."""
+    tokens = hidden.shape[:-1].num_elements()
+    if not tokens:
+        return chunk_size
+    chunks = -(-tokens // chunk_size)
+    return -(-tokens // chunks)
 
 
 class _GivenLosses(keras.losses.Loss):
@@ -225,7 +269,8 @@ def _compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwarg
     layer = self.backbone.token_embedding
     train = {id(v) for v in self.trainable_variables}
     trained = [v for v in layer.variables if id(v) in train]
-    losses, state.hits = chunked_token_losses(y_pred, y, layer, trained, state.chunk_size, state.training)
+    losses, state.hits = chunked_token_losses(y_pred, y, layer, trained, _balanced(state.chunk_size, y_pred),
+                                              state.training)
     compiled = self.loss
     loss = _GivenLosses(name=compiled.name, reduction=compiled.reduction, dtype=compiled.dtype)(y, losses, sample_weight)
     for extra in self.losses:  # add_loss / regularizers, as Keras' compute_loss adds them
