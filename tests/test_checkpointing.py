@@ -102,3 +102,69 @@ def test_bad_input():
         tf_lora.enable_gradient_checkpointing(plain, recompute_last="yes")
     with pytest.raises(TypeError, match="gradient_checkpointing"):
         tf_lora.LoRAConfig(gradient_checkpointing="yes")
+
+
+def _chunked_lm(arch, checkpointing, dropout, **chunking):
+    keras.utils.set_random_seed(0)
+    factories = {
+        "gemma": lambda: H.M.GemmaCausalLM(H.M.GemmaBackbone(
+            vocabulary_size=H.VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+            intermediate_dim=32, head_dim=8, dropout=dropout), preprocessor=None),
+        "mistral": lambda: H.M.MistralCausalLM(H.M.MistralBackbone(
+            vocabulary_size=H.VOCAB, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+            intermediate_dim=32, sliding_window=5, dropout=dropout), preprocessor=None),
+    }
+    model = tf_lora.adapt(factories[arch](), tf_lora.LoRAConfig(rank=2, dropout=0.1, target_modules=("query", "value"),
+                                                                gradient_checkpointing=checkpointing))
+    for i, v in enumerate(model.lora_variables):
+        v.assign(np.random.default_rng(i).normal(0, 0.1, v.shape).astype("float32"))
+    return tf_lora.use_chunked_attention(model, **chunking)
+
+
+def _padded_batch(batch=3, seq=H.SEQ):
+    rng = np.random.default_rng(0)
+    padding = (np.arange(seq)[None] < np.array([seq, 5, 3])[:, None]).astype("int32")
+    return {"token_ids": rng.integers(1, H.VOCAB, (batch, seq)) * padding, "padding_mask": padding}
+
+
+_LOOPS = dict(max_memory_bytes=4 * 4 * 4 * 8)  # 4 x 4 tiles of (batch 3 x 4 heads): the op's loops
+
+
+@pytest.mark.parametrize("arch, chunking, dropout, loops", [
+    ("gemma", _LOOPS, 0.2, 2), ("mistral", _LOOPS, 0.2, 2), ("gemma", {}, 0.0, 2), ("mistral", {}, 0.0, 2),
+    ("gemma", {}, 0.2, 0),  # KerasHub's Mistral attention has no dropout
+], ids=["gemma-loops", "mistral-loops", "gemma-default_fused", "mistral-default_fused", "gemma-attention_dropout"])
+def test_chunked_attention_is_not_run_again_in_the_recomputation(arch, chunking, dropout, loops, monkeypatch):
+    """With chunked attention, a checkpointed block's recomputation replays the attention's
+    forward output and log-sum-exp (`chunked_kernel.Memo`) instead of running its forward
+    loops again: the train step traces one forward loop per block (two before). Where the op
+    would pick its fused pass, a checkpointed block runs the loops instead (replayed), unless
+    attention dropout is on (the loops draw masks per tile: the fused pass is kept, so the
+    masks are those without checkpointing). Loss and LoRA gradients equal those without
+    checkpointing (LoRA dropout, a padded batch, GQA, Mistral's sliding window) within 1e-6."""
+    from tf_lora.layers import chunked_kernel
+
+    forward = chunked_kernel._forward
+    calls = []
+    monkeypatch.setattr(chunked_kernel, "_forward", lambda *a: calls.append(1) or forward(*a))
+    x = _padded_batch()
+    results = {}
+    for checkpointing in (False, True):
+        model = _chunked_lm(arch, checkpointing, dropout=dropout, **chunking)
+        assert len(tf_lora.checkpointed_blocks(model)) == (2 if checkpointing else 0)
+        calls.clear()
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x, training=True)))
+            return loss, tape.gradient(loss, [v.value for v in model.lora_variables])
+
+        results[checkpointing] = step(x)
+        traced = len(calls)
+        # One forward loop per block (4 when the recomputation ran them again; 0 fused).
+        assert traced == (loops if checkpointing else 2 * bool(chunking)), (checkpointing, traced)
+    (loss0, grads0), (loss1, grads1) = results[False], results[True]
+    assert float(loss1) == pytest.approx(float(loss0), rel=1e-6)
+    for g0, g1 in zip(grads0, grads1):
+        np.testing.assert_allclose(g1.numpy(), g0.numpy(), rtol=1e-5, atol=1e-6)

@@ -13,6 +13,15 @@ time plus the block inputs (QLoRA's memory recipe, Dettmers et al. 2023).
   1.39x to 1.24-1.27x the step without checkpointing, the peak from 0.30x to 0.33-0.37x
   (the last block's activations then coexist with the logits and their gradient).
 
+- Chunked attention (`tf_lora.use_chunked_attention`) is not run twice: its backward needs
+  only its inputs, output and log-sum-exp (it recomputes the scores per tile itself), so the
+  block's recomputation replays the output and log-sum-exp of the forward pass
+  (`chunked_kernel.Memo`, one (batch, T, heads, head_dim) output per block kept) and
+  recomputes only the rest of the block: projections, norms, MLP. Inside a checkpointed
+  block the op runs its loops also where it would pick its fused pass (whose backward keeps
+  the whole score matrix), except with attention dropout (the loops draw their masks per
+  tile, the fused pass per matrix: the masks stay those without checkpointing).
+
 - `tf.recompute_grad` takes tensors only: every non-tensor argument (bools, None, a Python
   int) is closed over, and only the tensor arguments go through it.
 - Dropout draws from Keras `SeedGenerator` states, which advance on each call; their states
@@ -38,6 +47,7 @@ import keras
 import tensorflow as tf
 
 from tf_lora import _compat, surgery
+from tf_lora.layers import chunked_kernel
 
 _BLOCK_CLASSES = re.compile(r".*(DecoderBlock|TransformerDecoder|TransformerEncoder|DecoderLayer|EncoderLayer|"
                             r"TransformerLayer)$")
@@ -77,6 +87,7 @@ class _RecomputedCall:
         call_state = _compat.current_call_state()
         call_state = (copy.copy(call_state[0]), *call_state[1:])  # the context object is reset after the call
         output_masks = []  # of the forward pass, attached to the outputs recompute_grad returns
+        memo, passes = chunked_kernel.Memo(), []  # the chunked attention's forward results, replayed
 
         def block(*inputs):
             for state, value in zip(states, saved):
@@ -87,8 +98,9 @@ class _RecomputedCall:
                     _compat.set_keras_mask(t, mask)
                 values[i] = t
             a, k = tf.nest.pack_sequence_as((args, kwargs), values)
-            with _compat.call_state(call_state):
+            with _compat.call_state(call_state), chunked_kernel.memo_scope(memo, replaying=bool(passes)):
                 outputs = original(*a, **k)
+            passes.append(True)
             if not output_masks:
                 output_masks.append([_compat.get_keras_mask(o) for o in tf.nest.flatten(outputs)])
             return outputs

@@ -15,8 +15,10 @@ is visible is skipped after one look at its mask.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import threading
+from typing import List, Optional
 
 import tensorflow as tf
 
@@ -151,13 +153,84 @@ class Plan:
         return tf.cond(tf.reduce_any(valid), compute, lambda: unchanged)
 
 
+class Memo:
+    """The forward results of the `flash` calls of one gradient-checkpointed block.
+
+    `tf_lora.checkpointing` runs a block twice: the forward pass, then its recomputation
+    in the backward pass, which only rebuilds what the backward needs. `flash`'s backward
+    needs its inputs, the output and the log-sum-exp, not the forward's loops: so the first
+    pass records ``(out, lse, empty)`` of each call, in call order, and the recomputation
+    replays them (the same values, since it runs on the same inputs and dropout seeds)
+    instead of running the forward loops again. A call that finds nothing fitting to replay
+    (another shape, or a tensor its graph cannot reach) runs the loops.
+    """
+
+    def __init__(self):
+        self.saved: List[tuple] = []
+        self.replaying, self.cursor = False, 0
+
+    def take(self, shapes) -> Optional[tuple]:
+        if not self.replaying:
+            return None
+        index, self.cursor = self.cursor, self.cursor + 1
+        if index >= len(self.saved):
+            return None
+        found = self.saved[index]
+        if [t.shape.as_list() for t in found] != shapes or not all(_reachable(t) for t in found):
+            return None
+        return found
+
+
+def _reachable(t: tf.Tensor) -> bool:
+    """Whether the graph being built can use `t` (eager tensors and outer graphs' tensors)."""
+    graph = getattr(t, "graph", None)
+    if graph is None or tf.executing_eagerly():
+        return True
+    current = tf.compat.v1.get_default_graph()
+    while current is not None:
+        if current is graph:
+            return True
+        current = getattr(current, "outer_graph", None)
+    return False
+
+
+_MEMOS = threading.local()
+
+
+@contextlib.contextmanager
+def memo_scope(memo: Memo, replaying: bool):
+    """While the body runs, `flash` records into `memo` (first pass) or replays it."""
+    stack = _MEMOS.__dict__.setdefault("stack", [])
+    memo.replaying, memo.cursor = replaying, 0
+    stack.append(memo)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def active_memo() -> Optional[Memo]:
+    """The `Memo` of the checkpointed block being run, if any."""
+    stack = _MEMOS.__dict__.get("stack")
+    return stack[-1] if stack else None
+
+
 def flash(q_c: tf.Tensor, k_c: tf.Tensor, v_c: tf.Tensor, plan: Plan) -> tf.Tensor:
-    """Attention on chunk-major tensors (scaled queries), with a recomputing gradient."""
+    """Attention on chunk-major tensors (scaled queries), with a recomputing gradient
+    (inside a checkpointed block, the recomputation reuses the forward's results: `Memo`)."""
+    memo = active_memo()
 
     @tf.custom_gradient
     def run(q_c, k_c, v_c):
         k_a = append(k_c, 1.0) if plan.cap is None else k_c
-        out, lse, empty = _forward(q_c, k_a, v_c, plan)
+        rows = q_c.shape[:-1].as_list()
+        found = memo.take([rows + v_c.shape[-1:].as_list(), rows, rows]) if memo is not None else None
+        if found is None:
+            out, lse, empty = _forward(q_c, k_a, v_c, plan)
+            if memo is not None and not memo.replaying:
+                memo.saved.append((out, lse, empty))
+        else:
+            out, lse, empty = found
         return out, lambda d_out: _backward(q_c, k_a, v_c, out, lse, empty, d_out, plan)
 
     return run(q_c, k_c, v_c)

@@ -269,7 +269,10 @@ def masked_chunked_attention(
     static = _static(batch, q_len, k_len)
     fits = static and ((cq >= q_len and ck >= k_len)
                        or (max_memory_bytes is None and 4 * batch * heads * q_len * k_len <= FUSED_MAX_BYTES))
-    if fits and query_chunk_size is None and key_chunk_size is None:
+    loops = chunked_kernel.active_memo() is not None and not rate  # (dropout masks are per tile)
+    if fits and query_chunk_size is None and key_chunk_size is None and not loops:
+        # (In a gradient-checkpointed block the loops run instead: their recomputation replays
+        # the forward's output and log-sum-exp, chunked_kernel.Memo, where the fused pass reruns.)
         # The whole score matrix fits the budget (default: FUSED_MAX_BYTES): one fused pass
         # (plain ops, autodiff) is as exact and avoids the loops' overhead.
         plan = Plan(masks, segments, causal, sliding_window, q_len, k_len, q_len, k_len, **options)
