@@ -222,22 +222,26 @@ MIRRORED = textwrap.dedent(
     x, y, sw = ({k: np.concatenate([v, v[::-1]]) for k, v in x.items()}, np.concatenate([y, y[::-1]]),
                 np.concatenate([sw, sw[::-1]]))  # 4 rows, 2 of them padded: one padded row per replica
     init = [v.numpy() for v in _lm("gemma2_soft_capped", ("query", "value", "token_embedding")).lora_variables]
+    # (the same values as the QLoRA models': _lm assigns every adapter variable from one seeded generator)
 
     def train(model):
         model.compile(optimizer=keras.optimizers.SGD(0.1))
         history = model.fit(x, y, sample_weight=sw, batch_size=4, epochs=2, shuffle=False, verbose=0)
         return history.history["loss"], [v.numpy() for v in model.lora_variables]
 
-    result = {"plain": train(_lm("gemma2_soft_capped", ("query", "value", "token_embedding")))}
+    qlora = dict(quantization=tf_lora.QLoRAConfig())
+    result = {"plain": train(_lm("gemma2_soft_capped", ("query", "value", "token_embedding"), **qlora))}
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        model = _lm("gemma2_soft_capped", ("query", "value", "token_embedding"), **CHUNKED)
+        model = _lm("gemma2_soft_capped", ("query", "value", "token_embedding"), gradient_checkpointing=True,
+                    **qlora, **CHUNKED)
         kinds = sorted({type(v.value).__name__ for v in model.lora_variables})
         result["mirrored"] = train(model)
     rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync, "kinds": kinds, "chunked": sorted(_chunked_kinds(model)),
         "loss_step": "_tf_lora_chunked_loss" in model.__dict__, "losses": {k: v[0] for k, v in result.items()},
+        "checkpointed": len(tf_lora.checkpointed_blocks(model)),
         "weights_rel": max(rel(a, b) for a, b in zip(result["mirrored"][1], result["plain"][1])),
         "moved": max(rel(a, b) for a, b in zip(result["mirrored"][1], init)),
     }))
@@ -247,6 +251,8 @@ MIRRORED = textwrap.dedent(
 
 @pytest.mark.skipif(not _compat.averages_replica_gradients(), reason="multi-replica fit needs Keras >= 3.8")
 def test_mirrored_strategy_fit_with_both_chunked_paths_equals_single_device():
+    """The headline configuration under MirroredStrategy: QLoRA + gradient checkpointing +
+    both chunked paths, against the single-device plain QLoRA model."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run([sys.executable, "-c", MIRRORED, tests_dir], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -254,6 +260,7 @@ def test_mirrored_strategy_fit_with_both_chunked_paths_equals_single_device():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2 and "MirroredVariable" in result["kinds"], result
     assert result["chunked"] == ["ChunkedCachedGemmaAttention"] and result["loss_step"], result
+    assert result["checkpointed"] == 2, result
     losses = result["losses"]
     assert losses["plain"][0] - losses["plain"][-1] > 1e-3 and result["moved"] > 1e-3, result  # it trains
     print("mirrored:", result)
