@@ -103,7 +103,7 @@ def text_batch(lm, batch: int, seq: int):
     return x, ids[:, 1:]
 
 
-def bench_train(path: str, kind: str, batch: int, seq: int, steps: int) -> None:
+def bench_train(path: str, kind: str, batch: int, seq: int, steps: int, tf_grappler: bool = False) -> None:
     start = time.perf_counter()
     if kind == "qlora":
         lm = tf_lora.load_gguf(path, quantization=tf_lora.QLoRAConfig(),
@@ -120,6 +120,8 @@ def bench_train(path: str, kind: str, batch: int, seq: int, steps: int) -> None:
         for layer in (lm.backbone.token_embedding,):
             layer.trainable = False
     loaded = time.perf_counter() - start
+    if tf_grappler and isinstance(lm, tf_lora.AdaptedModel):  # TF's default graph optimization for the step
+        object.__setattr__(lm, "train_graph_rewrites", {})
     x, y = text_batch(lm, batch, seq)
     lm.preprocessor = None
     lm.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -132,7 +134,9 @@ def bench_train(path: str, kind: str, batch: int, seq: int, steps: int) -> None:
         lm.train_on_batch(x, y)
         times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    print(f"train {kind} (batch {batch} x {seq}; {load()}): load+adapt {loaded:.1f} s, first step "
+    rewrites = getattr(lm, "train_graph_rewrites", None)
+    print(f"train {kind} (batch {batch} x {seq}; {load()}; train step grappler: "
+          f"{'TF default' if rewrites in (None, {}) else rewrites}): load+adapt {loaded:.1f} s, first step "
           f"{first:.1f} s (adapt to end of first step {loaded + first:.1f} s), steady step {step:.2f} s "
           f"({', '.join(f'{t:.2f}' for t in times)}), {batch * seq / step:.0f} tokens/s")
 
@@ -146,6 +150,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-xla", action="store_true", help="generate without XLA (KerasHub's default is XLA)")
     p.add_argument("--grappler-off", default="", help="comma list of tf.config.optimizer experimental options "
                    "to turn off (e.g. constant_folding,remapper), or 'all' (disable_meta_optimizer)")
+    p.add_argument("--tf-grappler", action="store_true", help="train steps of adapted models with TensorFlow's "
+                   "default graph optimization (train_graph_rewrites={}) instead of tf_lora's \"auto\"")
     a = p.parse_args(argv)
     if a.grappler_off == "all":
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
@@ -159,7 +165,7 @@ def main(argv=None) -> None:
     if a.only in (None, "train"):
         batch, seq, steps = (2, 128, 2) if a.quick else (4, 256, 4)
         for kind in a.train.split(","):
-            bench_train(path, kind, batch, seq, steps)
+            bench_train(path, kind, batch, seq, steps, a.tf_grappler)
             sys.stdout.flush()
     print(f"peak RSS of the whole flow: {peak_mib():.0f} MiB")
 
