@@ -9,9 +9,10 @@ time plus the block inputs (QLoRA's memory recipe, Dettmers et al. 2023).
 - `recompute_last=False` leaves the last block out (as
   `torch.utils.checkpoint.checkpoint_sequential` does its last segment): the backward
   starts with it right after the forward, so recomputing it buys least. It trades peak
-  memory for speed: in `benchmarks/bench_checkpointing.py` (4 blocks) the step goes from
-  1.39x to 1.24-1.27x the step without checkpointing, the peak from 0.30x to 0.33-0.37x
-  (the last block's activations then coexist with the logits and their gradient).
+  memory for speed: in `benchmarks/bench_checkpointing.py` (4 blocks, T=512, KerasHub's
+  attention) the step went from 1.39x to 1.24-1.27x the step without checkpointing, the
+  peak from 0.30x to 0.33-0.37x (the last block's activations then coexist with the
+  logits and their gradient).
 
 - Chunked attention (`tf_lora.use_chunked_attention`) is not run twice: its backward needs
   only its inputs, output and log-sum-exp (it recomputes the scores per tile itself), so the
