@@ -22,7 +22,7 @@ The story:
 4. The adapter: rank-8 LoRA on every linear layer over the float model (``--method lora``, the
    default). ``--method qlora`` / ``--method loftq`` put NF4 base weights under the adapters
    instead; on this 135M model NF4 costs more accuracy than it saves memory (see
-   ``benchmarks/bench_quant_quality.py`` and the README's table), so LoRA is the default.
+   ``benchmarks/bench_quant_quality.py`` and the table in docs/benchmarks.md), so LoRA is the default.
 
 ``--quick`` is the reduced run the test suite uses (fewer questions, fewer steps).
 
