@@ -14,7 +14,9 @@ SCRIPTS = ("bench_lora.py", "bench_scaling.py", "bench_qlora.py", "bench_attenti
 # bench_attention's --quick still runs N = 1024..4096 (minutes on 2 cores); a single
 # small N keeps this smoke test short.
 SMALLER = {"bench_attention.py": ["--sizes", "256", "--repeats", "1"],
-           "bench_models.py": ["--archs", "gemma", "--modes", "graph"]}  # its --quick runs 2 archs x 3 modes
+           "bench_models.py": ["--archs", "gemma", "--modes", "graph"],  # its --quick runs 2 archs x 3 modes
+           # its --quick times 9 models and measures each in a fresh process: one pair is enough here
+           "bench_checkpointing.py": ["--modes", "chunked/on", "--memory-modes", "chunked/off,chunked/on"]}
 TABLE_RULE = re.compile(r"^\s*(-{10,}|\|(\s*-{3,}\s*\|)+)\s*$", re.MULTILINE)  # "-----" or "|---|---|"
 RATIO = re.compile(r"ratio", re.IGNORECASE)
 
