@@ -188,21 +188,31 @@ def graph_rewrites(rewrites: dict):
     """Within this context, the `tf.function`s this thread calls are optimized (grappler) with
     `rewrites` (fields of TF's ``RewriterConfig``) over the context's config; fields the user
     set away from their default keep the user's value. TF's global config is not changed: the
-    config travels in the thread's function call options, as the call's ``config_proto``."""
-    from tensorflow.core.protobuf import config_pb2
+    config travels in the thread's function call options, as the call's ``config_proto``.
+    Entered on every train-step call, so the merged options are built once per (context
+    options, rewrites) and reused."""
     from tensorflow.python.eager import context as tf_context
 
     ctx = tf_context.context()
     previous = ctx.function_call_options
-    config = config_pb2.ConfigProto()
-    config.ParseFromString(previous.config_proto_serialized)
-    options = config.graph_options.rewrite_options
-    for key, value in rewrites.items():
-        if not getattr(options, key):  # 0 / False: TF's default, not set by the user
-            setattr(options, key, value)
-    ctx.function_call_options = tf_context.FunctionCallOptions(executor_type=previous.executor_type,
-                                                              config_proto=config)
+    ctx.function_call_options = _rewritten_call_options(previous.executor_type, previous.config_proto_serialized,
+                                                        tuple(sorted(rewrites.items())))
     try:
         yield
     finally:
         ctx.function_call_options = previous
+
+
+@functools.lru_cache(maxsize=16)
+def _rewritten_call_options(executor_type, config_serialized: bytes, rewrites: tuple):
+    """The function call options of `graph_rewrites` (cached: parsing and building them per step is waste)."""
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context as tf_context
+
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(config_serialized)
+    options = config.graph_options.rewrite_options
+    for key, value in rewrites:
+        if not getattr(options, key):  # 0 / False: TF's default, not set by the user
+            setattr(options, key, value)
+    return tf_context.FunctionCallOptions(executor_type=executor_type, config_proto=config)
